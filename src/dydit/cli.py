@@ -1,0 +1,52 @@
+"""The `dydit` command."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DyDiT++: dynamic Diffusion Transformers.")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("DiT-FMNIST", help="architecture from the registry (see `dydit models`)"),
+    out: str = typer.Option("runs/fmnist", help="output folder"),
+    data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
+    steps: int = typer.Option(3000, help="optimizer steps"),
+    batch_size: int = typer.Option(128, help="global batch size"),
+    lr: float = typer.Option(3e-4, help="AdamW learning rate"),
+    warmup_steps: int = typer.Option(200, help="linear lr warm-up steps"),
+    ema_decay: float = typer.Option(0.999, help="EMA decay"),
+    grad_clip: float = typer.Option(1.0, help="gradient-norm clip (0: off)"),
+    bf16: bool = typer.Option(False, help="bf16 autocast"),
+    seed: int = typer.Option(0, help="seed"),
+    ckpt_every: int = typer.Option(500, help="checkpoint every N steps"),
+    sample_every: int = typer.Option(500, help="EMA sample grid every N steps (0: off)"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+    init: Optional[str] = typer.Option(None, help="start from this checkpoint's weights"),
+    limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+):
+    """Train a static DiT or SiT (Fashion-MNIST by default); runs under torchrun for DDP."""
+    from dydit.train import TrainConfig, train as run_train
+
+    _setup_logging()
+    cfg = TrainConfig(**{f.name: v for f, v in ((f, locals().get(f.name)) for f in fields(TrainConfig)) if f.name in locals()})
+    run_train(cfg)
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

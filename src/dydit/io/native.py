@@ -1,0 +1,76 @@
+"""dydit's own model format: a folder with config.json and model.safetensors (diffusers-like)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dydit.io.atomic import atomic_path, atomic_write_text
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_TAG = "dydit"
+
+
+def save(model, folder, extra_config: dict | None = None) -> Path:
+    """Writes ``folder/config.json`` and ``folder/model.safetensors`` atomically.
+
+    Dynamic models also record their router layout, so :func:`dydit.load` rebuilds them.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"_format": FORMAT_TAG, "_class": type(model).__name__, "model": model.config.to_dict()}
+    dyn = getattr(model, "dynamic_config", None)
+    if dyn is not None:
+        cfg["dynamic"] = dyn.to_dict()
+    if extra_config:
+        cfg.update(extra_config)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "dydit": "1"})
+    atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True), folder / CONFIG_NAME)
+    return folder
+
+
+def is_native_folder(path) -> bool:
+    p = Path(path)
+    if not (p.is_dir() and (p / CONFIG_NAME).exists()):
+        return False
+    try:
+        return json.loads((p / CONFIG_NAME).read_text()).get("_format") == FORMAT_TAG
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_native_config(folder) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: config.json is not valid JSON ({e}); the file is corrupted") from e
+
+
+def load_native(folder, map_location="cpu"):
+    """Rebuilds the model saved by :func:`save` (static or dynamic) with strict key matching."""
+    from dydit.models.dit import DiT, DiTConfig
+
+    folder = Path(folder)
+    cfg = read_native_config(folder)
+    model = DiT(DiTConfig.from_dict(cfg["model"]))
+    if "dynamic" in cfg:
+        from dydit.dynamic import DynamicConfig, dynamize
+
+        model = dynamize(model, DynamicConfig.from_dict(cfg["dynamic"]), reorder=False)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder}: missing {WEIGHTS_NAME}; the folder is incomplete")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types for truncated headers/data
+        raise ValueError(f"{weights}: cannot read safetensors ({e}); the file is truncated or corrupted") from e
+    from dydit.io.checkpoints import load_state_dict_strict
+
+    load_state_dict_strict(model, state, source=str(weights))
+    return model.eval()

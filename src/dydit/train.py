@@ -1,0 +1,295 @@
+"""Training loop shared by `dydit train` (static DiT/SiT) and `dydit finetune` (DyDiT).
+
+Exact resumption without saving RNG streams: every random draw of step s on rank r comes from a
+generator seeded with (seed, s, r), and the data order of each epoch from (seed, epoch). A checkpoint
+therefore only needs model, EMA, optimizer and step to continue bit-for-bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dydit.io.atomic import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+TRAIN_FORMAT = "dydit-train-v1"
+
+
+@dataclass
+class TrainConfig:
+    """Options of `dydit train`; each field's comment is its CLI help."""
+
+    model: str = "DiT-FMNIST"  # registry name of the architecture (ignored with --init)
+    out: str = "runs/fmnist"  # output folder: checkpoints, sample grids, log.jsonl
+    data: str | None = None  # folder with the Fashion-MNIST IDX files (default: Debian's)
+    steps: int = 3000  # total optimizer steps
+    batch_size: int = 128  # global batch size (split across processes)
+    lr: float = 3e-4  # AdamW learning rate
+    warmup_steps: int = 200  # linear learning-rate warm-up
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 disables)
+    grad_skip: float = 0.0  # skip the update when the gradient norm exceeds this (0 disables)
+    bf16: bool = False  # bf16 autocast (fast on GPUs; slower than fp32 on many CPUs)
+    seed: int = 0
+    ckpt_every: int = 500
+    sample_every: int = 500  # write an EMA sample grid every N steps (0 disables)
+    log_every: int = 25
+    resume: bool = False  # continue from OUT/checkpoint.pt if it exists
+    init: str | None = None  # start from this checkpoint's weights (EMA) instead of random
+    limit_data: int | None = None  # use only the first N training images (tests)
+    stop_after: int | None = None  # stop (as if killed) after this many steps in this run (tests)
+    threads: int | None = None  # torch CPU threads
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed():
+    """Initialises torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist_info()
+
+
+def step_generator(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Global batch of step ``step`` (epochs without replacement), this rank's contiguous share."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"batch size {global_batch} is larger than the dataset ({n} images)")
+    epoch, pos = divmod(step, per_epoch)
+    perm = epoch_permutation(n, seed, epoch)
+    idx = perm[pos * global_batch : (pos + 1) * global_batch]
+    local = global_batch // world
+    return idx[rank * local : (rank + 1) * local]
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def save_training_checkpoint(path, model, ema, opt, step, cfg: TrainConfig, extra: dict | None = None):
+    dyn = getattr(model, "dynamic_config", None)
+    obj = {
+        "format": TRAIN_FORMAT,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "config": model.config.to_dict(),
+        "dynamic": dyn.to_dict() if dyn is not None else None,
+        "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
+    }
+    if extra:
+        obj.update(extra)
+    atomic_torch_save(obj, path)
+
+
+def load_training_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read training checkpoint ({e}); it is truncated or not a dydit checkpoint") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: what a step computes
+# ---------------------------------------------------------------------------------------------
+
+
+class StaticTask:
+    """The backbone's own loss: IDDPM ε-MSE + VLB for diffusion, velocity MSE for flow."""
+
+    def __init__(self, model):
+        from dydit.diffusion.flow import FlowMatching
+        from dydit.diffusion.gaussian import GaussianDiffusion
+
+        obj = model.config.objective
+        self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
+
+    def loss(self, model, x, y, step, gen):
+        t = self.process.sample_t(len(x), x.device, generator=gen)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y), x, t, noise)
+        return terms["loss"].mean(), {"loss": terms["loss"].mean().item(), "mse": terms["mse"].mean().item()}
+
+    def progress_fields(self, logs):
+        return {"loss": f"{logs['loss']:.4f}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def build_or_load_model(cfg: TrainConfig):
+    from dydit.models.dit import build_model
+
+    if cfg.init:
+        import dydit
+
+        return dydit.load(cfg.init)
+    return build_model(cfg.model)
+
+
+def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool = True):
+    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run."""
+    rank, world = maybe_init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = build_or_load_model(cfg)
+    model = model.to(device).train()
+    if task is None:
+        task = StaticTask(model)
+    ema = deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if hasattr(task, "configure_optimizer"):
+        opt = task.configure_optimizer(model, cfg)
+
+    start_step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_training_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start_step = int(ckpt["step"])
+        log.info("resumed from %s at step %d", ckpt_path, start_step)
+
+    if dataset is None:
+        from dydit.data import FashionMNIST
+
+        dataset = FashionMNIST("train", cfg.data, pad=model.config.pixel_pad, limit=cfg.limit_data)
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(task, "find_unused_parameters", False),
+        )
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    t_last, imgs_since = time.time(), 0
+    step = start_step
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    while step < end:
+        idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, rank, world)
+        x, y = dataset.batch(idx)
+        x, y = x.to(device), y.to(device)
+        gen = torch.Generator().manual_seed(step_generator(cfg.seed, step, rank))
+        torch.manual_seed(step_generator(cfg.seed + 1, step, rank))  # label dropout, gumbel noise
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step) * g.get("lr_scale", 1.0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, logs = task.loss(ddp_model, x, y, step, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --bf16")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        skipped = cfg.grad_skip > 0 and (not math.isfinite(gnorm.item()) or gnorm.item() > cfg.grad_skip)
+        if not skipped:
+            opt.step()
+            update_ema(ema, model, cfg.ema_decay)
+        step += 1
+        imgs_since += cfg.batch_size
+        logs.update(step=step, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], skipped=bool(skipped))
+        if rank == 0:
+            if step % cfg.log_every == 0 or step == end:
+                now = time.time()
+                logs["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
+                t_last, imgs_since = now, 0
+                log_file.write(json.dumps(logs) + "\n")
+                log_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(task.progress_fields(logs))
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
+    if rank == 0 and step == cfg.steps:
+        from dydit.io.native import save
+
+        save(ema, out / "ema")
+    if bar is not None:
+        bar.close()
+    if log_file:
+        log_file.close()
+    return ema
+
+
+@torch.no_grad()
+def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 25, cfg_scale: float = 3.0):
+    """A grid with ``per_class`` rows of every class, sampled from ``model`` (usually the EMA)."""
+    from dydit.sampling import sample
+    from dydit.viz import save_grid
+
+    n = model.config.num_classes
+    labels = torch.arange(min(n, 10)).repeat(per_class)
+    method = "ddim" if model.config.objective == "diffusion" else "euler"
+    dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
+    x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
+    save_grid(x, path, nrow=min(n, 10), pad=model.config.pixel_pad)
