@@ -11,6 +11,11 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DyDiT++: dynamic Diffusion Transformers.")
 
 
+@app.callback()
+def _root():
+    """DyDiT++: dynamic Diffusion Transformers that generate faster in wall-clock time."""
+
+
 @app.command()
 def train(
     model: str = typer.Option("DiT-FMNIST", help="architecture from the registry (see `dydit models`)"),
@@ -33,11 +38,11 @@ def train(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ):
     """Train a static DiT or SiT (Fashion-MNIST by default); runs under torchrun for DDP."""
+    args = dict(locals())
     from dydit.train import TrainConfig, train as run_train
 
     _setup_logging()
-    cfg = TrainConfig(**{f.name: v for f, v in ((f, locals().get(f.name)) for f in fields(TrainConfig)) if f.name in locals()})
-    run_train(cfg)
+    run_train(TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args}))
 
 
 def _setup_logging():

@@ -1,0 +1,28 @@
+"""DynamicConfig: how a backbone's blocks are made dynamic (saved with the model)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class DynamicConfig:
+    """Router layout and binarisation settings of a DyDiT model."""
+
+    width: bool = True  # TDW: timestep-wise dynamic heads and MLP channel groups
+    tokens: bool = True  # SDT: spatial-wise dynamic tokens through the MLP
+    always_on: bool = True  # head 0 / group 0 always run (router has H-1 outputs); False: legacy H-wide routers
+    width_bias_init: float = 15.0  # starts every head/group on: the converted model is the static function
+    token_bias_init: float = 35.0
+    token_hidden_ratio: int = 16  # token router hidden width = D // ratio
+    tau: float = 5.0  # gumbel-sigmoid temperature in training
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DynamicConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown dynamic config keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,64 @@
+"""DyDiT routers (METHOD.md §2): timestep width routers and spatial token routers.
+
+Module and parameter names match the authors' checkpoints: ``attn_rate.router``, ``mlp_rate.router``,
+``token_selection.mlp_head.{0,2}``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
+    """Hard 0/1 mask. Train: gumbel-sigmoid forward as a step, backward through the soft sigmoid.
+    Eval: plain threshold at logit 0, no noise."""
+    if not training:
+        return (logits > 0).to(logits.dtype)
+    u1 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
+    u2 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
+    g1, g2 = -torch.log(-torch.log(u1)), -torch.log(-torch.log(u2))
+    soft = torch.sigmoid((logits + g1 - g2) / tau)
+    hard = (soft > 0.5).to(logits.dtype)
+    return hard + soft - soft.detach()
+
+
+class WidthRouter(nn.Module):
+    """E_t (B, D) -> mask over ``num_slots`` heads or MLP channel groups (B, num_slots).
+
+    With ``always_on`` the router predicts slots 1..H-1 and slot 0 is constant 1, so a block never
+    reaches zero width (the released layout); without it, it predicts all H (an early release).
+    """
+
+    def __init__(self, dim: int, num_slots: int, always_on: bool = True, bias_init: float = 15.0):
+        super().__init__()
+        self.num_slots = num_slots
+        self.always_on = always_on
+        self.router = nn.Linear(dim, num_slots - 1 if always_on else num_slots)
+        nn.init.zeros_(self.router.weight)
+        nn.init.constant_(self.router.bias, bias_init)
+
+    def logits(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.router(t_emb)
+
+    def forward(self, t_emb: torch.Tensor, tau: float = 5.0, training: bool = False) -> torch.Tensor:
+        mask = gumbel_sigmoid_ste(self.logits(t_emb).float(), tau, training)
+        if self.always_on:
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        return mask  # (B, num_slots)
+
+
+class TokenRouter(nn.Module):
+    """Per-token gate for the MLP branch: (B, N, D) -> (B, N) 0/1 mask."""
+
+    def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0):
+        super().__init__()
+        hidden = max(dim // hidden_ratio, 1)
+        self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp_head[2].weight)
+        nn.init.constant_(self.mlp_head[2].bias, bias_init)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_head(x).squeeze(-1)  # (B, N)
+
+    def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False) -> torch.Tensor:
+        return gumbel_sigmoid_ste(self.logits(x).float(), tau, training)

@@ -1,0 +1,195 @@
+"""DyDiT core: routers start as the static function, fast path equals the masked reference,
+official checkpoints load, FLOPs accounting matches the DiT paper."""
+import pytest
+import torch
+
+import dydit
+from dydit.dynamic import DynamicConfig, DynamicContext, dynamize, flops_spec, reorder_by_importance
+from dydit.dynamic.flops import dynamic_ratio
+from dydit.models.dit import build_model
+from dydit.sampling import sample
+
+
+def randomize(model, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embed":
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def scramble_routers(model, seed=1):
+    """Router weights that switch heads, groups and tokens on and off across timesteps and blocks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            for r in (block.attn_rate, block.mlp_rate):
+                if r is not None:
+                    r.router.weight.copy_(torch.randn(r.router.weight.shape, generator=g))
+                    r.router.bias.copy_(torch.randn(r.router.bias.shape, generator=g))
+            if block.token_selection is not None:
+                for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("name", ["DiT-Tiny", "SiT-Tiny"])
+def test_dynamized_model_starts_as_static_function(name):
+    torch.manual_seed(0)
+    model = randomize(build_model(name)).eval()
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    t = torch.tensor([10.0, 500.0, 999.0]) if name.startswith("DiT") else torch.tensor([0.1, 0.5, 0.9])
+    ref = model(x, t, y)
+    dynamize(model, reorder=True)
+    for mode in ("masked", "train"):
+        out = model(x, t, y, dyn=DynamicContext(mode))
+        assert rel_err(out, ref) < 1e-5, mode
+
+
+def test_reorder_keeps_static_function():
+    model = randomize(build_model("DiT-Tiny")).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 9])
+    ref = model(x, t, y)
+    reorder_by_importance(model)
+    assert rel_err(model(x, t, y), ref) < 1e-5
+    w = model.blocks[0].attn.qkv.weight.view(3, 4, 16, 64).abs().sum(dim=(0, 2, 3))
+    assert w[0] >= w[-1]  # most important head first (its proj columns count too, so compare ends)
+
+
+@pytest.mark.parametrize("name", ["DiT-Tiny", "SiT-Tiny"])
+@pytest.mark.parametrize("batch", [1, 3, 5])
+@pytest.mark.parametrize("layout", [dict(), dict(width=False), dict(tokens=False), dict(always_on=False)])
+def test_fast_path_equals_masked_reference(name, batch, layout):
+    model = scramble_routers(dynamize(randomize(build_model(name)), DynamicConfig(**layout))).eval()
+    x, y = torch.randn(batch, 4, 8, 8), torch.arange(batch) % 10
+    ts = [0.0, 250.0, 999.0] if name.startswith("DiT") else [0.0, 0.4, 0.95]
+    differs = False
+    for tv in ts:
+        t = torch.full((batch,), tv)
+        ref_ctx = DynamicContext("masked")
+        ref = model(x, t, y, dyn=ref_ctx)
+        fast = model(x, t, y, dyn=DynamicContext("fast"))
+        assert rel_err(fast, ref) < 1e-5
+        differs |= rel_err(ref, model(x, t, y)) > 1e-3
+    assert differs, "routers must actually drop compute in this test"
+
+
+@pytest.mark.parametrize("name,cfg", [("DiT-Tiny", 4.0), ("SiT-Tiny", 4.0), ("DiT-Tiny", 1.0)])
+def test_fast_sampling_equals_masked_sampling(name, cfg):
+    model = scramble_routers(dynamize(randomize(build_model(name), scale=0.1))).eval()
+    labels = [1, 2, 3]
+    method = "ddim" if name.startswith("DiT") else "euler"
+    a = sample(model, labels, method, 6, cfg_scale=cfg, seed=0, dyn=DynamicContext("masked"))
+    b = sample(model, labels, method, 6, cfg_scale=cfg, seed=0, dyn=DynamicContext("fast"))
+    assert rel_err(b, a) < 1e-5
+
+
+def test_plan_precomputed_for_sampler_timesteps():
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")))).eval()
+    ctx = DynamicContext("fast", record_usage=True)
+    sample(model, [0, 1], "ddim", 5, cfg_scale=1.0, dyn=ctx)
+    assert len(ctx.plan.steps) == 5 and len(ctx.usage) == 5
+    # every step ran with the planned widths
+    for u in ctx.usage:
+        planned = ctx.plan.steps[round(u.t, 6)]
+        assert u.heads == [len(b.heads) for b in planned]
+
+
+def _official_dydit_state(model, always_on=True, seed=0):
+    """An authors'-format DyDiT state dict: static keys plus per-block router keys."""
+    g = torch.Generator().manual_seed(seed)
+    state = dict(model.state_dict())
+    D, H = model.config.hidden_size, model.config.num_heads
+    rows = H - 1 if always_on else H
+    for i in range(model.config.depth):
+        for r in ("attn_rate", "mlp_rate"):
+            state[f"blocks.{i}.{r}.router.weight"] = torch.randn(rows, D, generator=g)
+            state[f"blocks.{i}.{r}.router.bias"] = torch.randn(rows, generator=g)
+        state[f"blocks.{i}.token_selection.mlp_head.0.weight"] = torch.randn(D // 16, D, generator=g)
+        state[f"blocks.{i}.token_selection.mlp_head.0.bias"] = torch.randn(D // 16, generator=g)
+        state[f"blocks.{i}.token_selection.mlp_head.2.weight"] = torch.randn(1, D // 16, generator=g)
+        state[f"blocks.{i}.token_selection.mlp_head.2.bias"] = torch.randn(1, generator=g) * 0.1
+    return state
+
+
+def _reference_masked_forward(state, model_cfg, x, t, y, always_on):
+    """Independent re-implementation of the authors' masked DyDiT block, from raw tensors."""
+    import torch.nn.functional as F
+    from dydit.models.dit import DiT
+
+    static = DiT(model_cfg)
+    static.load_state_dict({k: v for k, v in state.items() if "rate" not in k and "token_selection" not in k})
+    static.eval()
+    tokens, c, t_emb = static.embed(x, t, y)
+    H = model_cfg.num_heads
+    for i, blk in enumerate(static.blocks):
+        s = lambda k: state[f"blocks.{i}.{k}"]  # noqa: E731
+        hm = (F.linear(t_emb, s("attn_rate.router.weight"), s("attn_rate.router.bias")) > 0).float()
+        gm = (F.linear(t_emb, s("mlp_rate.router.weight"), s("mlp_rate.router.bias")) > 0).float()
+        if always_on:
+            hm = torch.cat([torch.ones_like(hm[:, :1]), hm], 1)
+            gm = torch.cat([torch.ones_like(gm[:, :1]), gm], 1)
+        sm, cm, gmsa, sp, cp, gmlp = blk.adaLN_modulation(c).chunk(6, 1)
+        h = blk.norm1(tokens) * (1 + cm[:, None]) + sm[:, None]
+        heads = blk.attn.heads(h)
+        B, N, D = heads.shape
+        heads = (heads.view(B, N, H, D // H) * hm[:, None, :, None]).reshape(B, N, D)
+        tokens = tokens + gmsa[:, None] * blk.attn.proj(heads)
+        hid = F.relu(F.linear(tokens, s("token_selection.mlp_head.0.weight"), s("token_selection.mlp_head.0.bias")))
+        tm = (F.linear(hid, s("token_selection.mlp_head.2.weight"), s("token_selection.mlp_head.2.bias")) > 0).float()
+        h2 = blk.norm2(tokens) * (1 + cp[:, None]) + sp[:, None]
+        a = blk.mlp.fc1(h2)
+        a = (a.view(B, N, H, -1) * gm[:, None, :, None]).reshape(B, N, -1)
+        tokens = tokens + tm * gmlp[:, None] * blk.mlp.fc2(blk.mlp.act(a))
+    return static.unpatchify(static.final_layer(tokens, c))
+
+
+@pytest.mark.parametrize("always_on", [True, False])
+def test_official_dydit_checkpoint_loads_strictly_and_matches(tmp_path, always_on):
+    base = randomize(build_model("DiT-Tiny"))
+    state = _official_dydit_state(base, always_on)
+    path = tmp_path / "dydit.pt"
+    torch.save({"model": state, "ema": state, "args": None}, path)
+    model = dydit.load(path, model_name="DiT-Tiny")
+    assert model.dynamic_config.always_on == always_on
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 4, 7])
+    for tv in (5.0, 600.0):
+        t = torch.full((3,), tv)
+        ref = _reference_masked_forward(state, model.config, x, t, y, always_on)
+        assert rel_err(model(x, t, y, dyn=DynamicContext("masked")), ref) < 1e-5
+        assert rel_err(model(x, t, y, dyn=DynamicContext("fast")), ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name,params_m,gflops",
+    [("DiT-S/2", 33, 6.06), ("DiT-B/2", 130, 23.01), ("DiT-L/2", 458, 80.71), ("DiT-XL/2", 675, 118.64)],
+)
+def test_params_and_gmacs_match_dit_paper(name, params_m, gflops):
+    with torch.device("meta"):
+        model = build_model(name)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - params_m) / params_m < 0.01, n
+    g = flops_spec(model).static_macs / 1e9
+    assert abs(g - gflops) / gflops < 0.005, g
+
+
+def test_flops_ratio_counts_active_fraction():
+    model = dynamize(build_model("DiT-Tiny"))
+    spec = flops_spec(model)
+    from dydit.dynamic.context import BlockUsage
+
+    H, N = 4, model.config.num_tokens
+    full = [BlockUsage(torch.ones(2, H), torch.ones(2, H), torch.ones(2, N))] * 2
+    assert torch.allclose(dynamic_ratio(spec, full), torch.ones(2))
+    half = [BlockUsage(torch.tensor([[1, 1, 0, 0.0]] * 2), torch.tensor([[1, 1, 1, 1.0]] * 2),
+                       torch.cat([torch.ones(2, N // 2), torch.zeros(2, N - N // 2)], 1))] * 2
+    b = spec.blocks[0]
+    expect = (0.5 * b.attn + 0.5 * b.mlp) / (b.attn + b.mlp)
+    assert torch.allclose(dynamic_ratio(spec, half), torch.full((2,), expect))
