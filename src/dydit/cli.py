@@ -45,8 +45,19 @@ def train(
     run_train(TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args}))
 
 
+from dydit.cli_dynamic import register as _register_dynamic  # noqa: E402
+
+_register_dynamic(app)
+
+
 def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# `dydit eval` and `dydit train-classifier` (benchmark B1 metrics) live in cli_eval.py.
+from dydit.cli_eval import register as _register_eval  # noqa: E402
+
+_register_eval(app)
 
 
 def main():

@@ -70,6 +70,8 @@ class DynamicContext:
                 raise ValueError("the fast dynamic path needs one timestep for the whole batch (as in sampling); "
                                  "use mode='masked' for mixed timesteps")
             self.step_width = self.plan.get(model, float(t0))
+            if hasattr(self.weights, "begin_step"):  # e.g. TD-LoRA: weights that depend on t
+                self.weights.begin_step(float(t0), t_emb[:1])
             if self.record_usage:
                 n = len(self.step_width)
                 self._current = StepUsage(float(t0), t.numel(), [0] * n, [0] * n, [0] * n, model.config.num_tokens)

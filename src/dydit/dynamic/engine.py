@@ -24,13 +24,15 @@ def dynamic_block_forward(block, x, c, t_emb, dyn):
 
     if dyn.mode == "fast":
         bw = dyn.step_width[i]
-        if width and len(bw.heads) < H:
+        # weight providers that depend on t (merged TD-LoRA) are used even at full width
+        always = getattr(dyn.weights, "always_slice", False)
+        if always or (width and len(bw.heads) < H):
             qkv_w, qkv_b, proj_w, proj_b = dyn.weights.attention(block, bw.heads)
             attn_out = sliced_attention(h, qkv_w, qkv_b, proj_w, proj_b, len(bw.heads), block.attn.head_dim)
         else:
             attn_out = block.attn(h)
         x = x + gate_msa.unsqueeze(1) * attn_out
-        narrow_mlp = width and len(bw.groups) < H
+        narrow_mlp = always or (width and len(bw.groups) < H)
         if narrow_mlp:
             fc1_w, fc1_b, fc2_w, fc2_b = dyn.weights.mlp(block, bw.groups, H)
             mlp = lambda z: sliced_mlp(z, fc1_w, fc1_b, fc2_w, fc2_b, block.mlp.act)  # noqa: E731

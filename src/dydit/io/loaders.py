@@ -1,30 +1,89 @@
-"""`dydit.load(path)`: recognise a checkpoint's format and load it without executing code from it."""
+"""`dydit.load(path)`: recognise a checkpoint's format and load it without executing code from it.
+
+Supported: official DiT/SiT/DyDiT ``.pt`` (plain state dict or training dict), the same weights as a
+``.safetensors`` file, dydit training checkpoints, dydit model folders, and diffusers
+``DiTTransformer2DModel`` folders (or pipeline folders with a ``transformer/`` subfolder).
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from dydit.io.native import is_native_folder, load_native
+from dydit.io.checkpoints import load_state_dict_strict
+from dydit.io.diffusers_dit import apply_mlp_norm_eps, is_diffusers_dit_config, load_diffusers
+from dydit.io.native import CONFIG_NAME, FORMAT_TAG, load_native
+from dydit.io.official import load_official, read_weights_file
+
+TRAIN_FORMAT = "dydit-train-v1"
 
 
-def load(path, which: str = "ema", map_location="cpu"):
+def load(path, which: str = "ema", model_name: str | None = None, objective: str | None = None,
+         map_location="cpu"):
+    """Loads any supported checkpoint as an eval-mode DiT (dynamic if it carries DyDiT routers).
+
+    ``which`` picks the 'ema' or raw 'model' weights of training checkpoints. ``model_name`` (a
+    registry name such as 'DiT-XL/2') and ``objective`` ('diffusion' or 'flow') fill in what official
+    ``.pt`` files do not record: the head count, and whether it is a SiT (also guessed from 'SiT' in
+    the file name or the training args).
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FileNotFoundError(f"{path}: no such file or folder; check the path")
+    if objective not in (None, "diffusion", "flow"):
+        raise ValueError(f"objective must be 'diffusion' or 'flow', got {objective!r}")
     if path.is_dir():
-        if is_native_folder(path):
-            return load_native(path, map_location)
-        raise ValueError(f"{path}: folder is not a dydit model (config.json with _format 'dydit')")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, dict) and obj.get("format") == "dydit-train-v1":
-        from dydit.models.dit import DiT, DiTConfig
+        model = _load_folder(path, objective, map_location)
+    else:
+        obj = read_weights_file(path, map_location)
+        if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
+            model = _load_training_checkpoint(obj, path, which)
+        else:
+            model = load_official(obj, path, which, model_name, objective)
+    apply_mlp_norm_eps(model)
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model.eval()
 
-        model = DiT(DiTConfig.from_dict(obj["config"]))
-        if obj.get("dynamic"):
-            from dydit.dynamic import DynamicConfig, dynamize
 
-            model = dynamize(model, DynamicConfig.from_dict(obj["dynamic"]), reorder=False)
-        model.load_state_dict(obj[which])
-        return model.eval()
-    raise ValueError(f"{path}: unrecognised checkpoint format")
+def _load_folder(path: Path, objective, map_location):
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        if (path / "transformer" / CONFIG_NAME).exists():  # a diffusers pipeline folder
+            return _load_folder(path / "transformer", objective, map_location)
+        raise ValueError(
+            f"{path}: folder has no {CONFIG_NAME}. Expected a dydit model folder (config.json + "
+            "model.safetensors), a diffusers DiTTransformer2DModel folder, or a diffusers pipeline folder."
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}); the file is corrupted, copy it again") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("_format") == FORMAT_TAG:
+        return load_native(path, map_location)
+    if is_diffusers_dit_config(cfg):
+        return load_diffusers(path, objective, map_location, config=cfg)
+    kind = cfg.get("_class_name")
+    if kind == "AutoencoderKL":
+        raise ValueError(f"{path}: this folder holds a VAE (AutoencoderKL); load it with dydit.vae.load_vae")
+    raise ValueError(
+        f"{cfg_path}: describes {kind or 'an unknown model'!r}, which dydit.load cannot build. Supported "
+        "folders: dydit models (_format 'dydit') and diffusers DiTTransformer2DModel."
+    )
+
+
+def _load_training_checkpoint(obj: dict, path: Path, which: str):
+    from dydit.models.dit import DiT, DiTConfig
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    model = DiT(DiTConfig.from_dict(obj["config"]))
+    if obj.get("dynamic"):
+        from dydit.dynamic import DynamicConfig, dynamize
+
+        model = dynamize(model, DynamicConfig.from_dict(obj["dynamic"]), reorder=False)
+    load_state_dict_strict(model, obj[which], source=f"{path} [{which}]")
+    return model

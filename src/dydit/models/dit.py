@@ -181,11 +181,13 @@ class DiT(nn.Module):
         y_emb = self.y_embedder(y, self.training)
         return x, t_emb + y_emb, t_emb
 
-    def forward(self, x, t, y, dyn=None):
+    def forward(self, x, t, y, dyn=None, cache=None):
         """x: (B, C, H, W); t: (B,) timesteps in the backbone's units; y: (B,) labels.
 
         ``dyn`` is a :class:`dydit.dynamic.DynamicContext` selecting how routed blocks run
         (training masks, masked reference, or the fast inference plan); None runs the static network.
+        ``cache`` (e.g. :class:`dydit.cache.FirstBlockCache`) runs the block loop and may reuse work
+        across sampling steps; None runs every block.
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -197,14 +199,17 @@ class DiT(nn.Module):
         tokens, c, t_emb = self.embed(x, t, y)
         if dyn is not None:
             dyn.begin_forward(self, t, t_emb)
-        for block in self.blocks:
-            tokens = block(tokens, c, t_emb, dyn)
+        if cache is not None:
+            tokens = cache.run_blocks(self, tokens, c, t_emb, dyn)
+        else:
+            for block in self.blocks:
+                tokens = block(tokens, c, t_emb, dyn)
         out = self.unpatchify(self.final_layer(tokens, c))
         if self.config.out_channels_used is not None:
             out = out[:, : self.config.out_channels_used]
         return out
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3, dyn=None):
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3, dyn=None, cache=None):
         """Classifier-free guidance with the conditional and unconditional halves in one batch.
 
         x, t, y hold both halves (first half conditional). ``guided_channels`` = 3 is the DiT
@@ -212,7 +217,7 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y, dyn=dyn)
+        model_out = self.forward(combined, t, y, dyn=dyn, cache=cache)
         C = self.in_channels
         n = C if guided_channels is None else min(guided_channels, C)
         eps, rest = model_out[:, :n], model_out[:, n:]

@@ -1,0 +1,227 @@
+"""Training-free feature caching across sampling steps: First-Block-Cache (ParaAttention / TeaCache family).
+
+Every step runs the first block. If its residual (output - input) has moved less than ``rdt`` (relative
+L1) from the residual at the last fully computed step, the remaining blocks are skipped and their
+residual from that step is reused::
+
+    tokens_out = block0(tokens) + cached_rest_residual
+
+otherwise every block runs and the cache is refreshed. Comparing against the last *full* step (as
+ParaAttention does) rather than the previous step means slow drift still triggers a refresh.
+
+A backbone opts in by handing its block loop to :meth:`FirstBlockCache.run_blocks` (DiT/SiT take
+``forward(..., cache=)``). Dynamic models work unchanged: the DynamicContext passes through to the
+blocks, and a skipped step skips their dynamic compute too. Any sampler uses it through
+:func:`cached`, which patches the model's forward for the duration of a ``with`` block::
+
+    cache = FirstBlockCache(rdt=0.1, warmup=1, num_steps=50)
+    with cached(model, cache):
+        images = sample(model, labels, "ddim", 50, cfg_scale=4.0)
+    cache.block_share(); cached_macs(flops_spec(model), cache, cfg_batches=2)
+
+One skip decision is made per forward for the whole batch (both CFG halves together), so the batch
+size must stay constant within a sampling run.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dydit.dynamic.flops import FlopsSpec, realised_macs
+
+
+@dataclass
+class CacheStep:
+    """What one forward did under the cache."""
+
+    run: int  # sampling run (a new one starts after num_steps forwards, or at start())
+    step: int  # step within the run
+    batch: int  # forward batch size (2B with guidance)
+    depth: int  # blocks in the model
+    distance: float | None  # relative L1 of block 0's residual to the reference; None without a reference
+    skipped: bool
+
+    @property
+    def blocks_run(self) -> int:
+        return 1 if self.skipped else self.depth
+
+
+def relative_l1(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean|a - ref| / mean|ref|, computed in float32."""
+    a, ref = a.float(), ref.float()
+    return ((a - ref).abs().mean() / ref.abs().mean().clamp(min=1e-12)).item()
+
+
+class FirstBlockCache:
+    """Skips blocks 1..L-1 while block 0's residual stays within ``rdt`` of the last full step's."""
+
+    def __init__(self, rdt: float = 0.1, warmup: int = 1, max_consecutive: int | None = None,
+                 num_steps: int | None = None):
+        """``warmup``: first/last steps always computed in full (the last ones need ``num_steps``);
+        ``max_consecutive``: most skips in a row (None: unlimited); ``num_steps``: forwards per sampling
+        run, after which the next forward starts a new run (None: call :meth:`start` between runs)."""
+        if rdt < 0:
+            raise ValueError(f"rdt must be >= 0, got {rdt}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        if max_consecutive is not None and max_consecutive < 0:
+            raise ValueError(f"max_consecutive must be >= 0 or None, got {max_consecutive}")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 or None, got {num_steps}")
+        self.rdt = rdt
+        self.warmup = warmup
+        self.max_consecutive = max_consecutive
+        self.num_steps = num_steps
+        self.reset()
+
+    def reset(self):
+        """Forgets cached tensors and statistics."""
+        self.history: list[CacheStep] = []
+        self._run = -1
+        self.start()
+
+    def start(self):
+        """Begins a new sampling run: drops cached tensors, keeps statistics."""
+        self._step = None  # None: the next forward opens a run
+        self._shape = None
+        self._ref_residual = None  # (B, N, D) block 0 residual at the last full step
+        self._rest_residual = None  # (B, N, D) residual of blocks 1..L-1 at the last full step
+        self._consecutive = 0
+
+    # ---- statistics ----
+    @property
+    def steps(self) -> int:
+        return len(self.history)
+
+    @property
+    def full_steps(self) -> int:
+        return sum(not s.skipped for s in self.history)
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(s.skipped for s in self.history)
+
+    @property
+    def blocks_run(self) -> int:
+        return sum(s.blocks_run for s in self.history)
+
+    @property
+    def blocks_total(self) -> int:
+        return sum(s.depth for s in self.history)
+
+    @property
+    def runs(self) -> int:
+        return len({s.run for s in self.history})
+
+    def block_share(self) -> float:
+        """Share of block forwards actually run (1.0 = no caching); blocks of equal cost make it the MACs share."""
+        return self.blocks_run / self.blocks_total if self.history else 1.0
+
+    # ---- the hook backbones call ----
+    def _may_skip(self, step: int) -> bool:
+        if self._rest_residual is None or step < self.warmup:
+            return False
+        if self.num_steps is not None and step >= self.num_steps - self.warmup:
+            return False
+        return self.max_consecutive is None or self._consecutive < self.max_consecutive
+
+    def run_blocks(self, model, tokens: torch.Tensor, *block_args) -> torch.Tensor:
+        """Runs ``model.blocks`` on tokens (B, N, D), each as ``block(tokens, *block_args)``, skipping if allowed."""
+        blocks = model.blocks
+        if self._step is None or (self.num_steps is not None and self._step >= self.num_steps):
+            self.start()
+            self._step, self._shape, self._run = 0, tuple(tokens.shape), self._run + 1
+        elif tuple(tokens.shape) != self._shape:
+            raise ValueError(
+                f"FirstBlockCache holds tensors of shape {self._shape} but this forward has tokens of shape "
+                f"{tuple(tokens.shape)}; the batch size must stay constant within a sampling run "
+                "(call cache.start() between runs, or give num_steps)"
+            )
+        first = blocks[0](tokens, *block_args)  # (B, N, D)
+        residual = first - tokens
+        distance = relative_l1(residual, self._ref_residual) if self._ref_residual is not None else None
+        skip = self._may_skip(self._step) and distance < self.rdt
+        if skip:
+            out = first + self._rest_residual
+            self._consecutive += 1
+        else:
+            out = first
+            for block in blocks[1:]:
+                out = block(out, *block_args)
+            self._ref_residual = residual.detach()
+            self._rest_residual = (out - first).detach()
+            self._consecutive = 0
+        self.history.append(CacheStep(self._run, self._step, tokens.shape[0], len(blocks), distance, skip))
+        self._step += 1
+        return out
+
+
+@contextmanager
+def cached(model, cache: FirstBlockCache):
+    """Within the block, every ``model(...)`` / ``model.forward(...)`` call runs with ``cache=cache``.
+
+    Samplers need no change; the cache starts a new run on entry. Yields the cache.
+    """
+    if "cache" not in inspect.signature(type(model).forward).parameters:
+        raise TypeError(f"{type(model).__name__}.forward takes no cache= argument; it cannot use feature caching")
+    previous = model.__dict__.get("forward")
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs.get("cache") is None:
+            kwargs["cache"] = cache
+        return inner(*args, **kwargs)
+
+    model.forward = forward  # an instance attribute: nn.Module.__call__ and forward_with_cfg both find it
+    cache.start()
+    try:
+        yield cache
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+
+
+def cached_macs(spec: FlopsSpec, cache: FirstBlockCache, usage=None, cfg_batches: int = 1) -> dict:
+    """Realised MACs per image of the forwards the cache recorded (paper convention, see dydit.dynamic.flops).
+
+    A skipped step costs the embedders, block 0 and the final layer; a full step the whole network.
+    ``usage`` (a fast DynamicContext's ``usage``, one entry per recorded forward) supplies the widths and
+    kept tokens of a dynamic model; None assumes full blocks. ``cfg_batches`` = 2 when guidance runs
+    every image twice per step. Returns per_image, per_forward (per sample), static_per_image (the same
+    forwards uncached and static), block_ratio (realised / static block MACs) and macs_ratio.
+    """
+    steps = cache.history
+    if not steps:
+        raise ValueError("the cache has recorded no forward")
+    if usage is not None and len(usage) != len(steps):
+        raise ValueError(f"usage has {len(usage)} forwards but the cache recorded {len(steps)}; "
+                         "record both over the same sampling runs")
+    total = blocks = samples = 0.0
+    run_batch = {}
+    for i, s in enumerate(steps):
+        n = s.blocks_run
+        sub = FlopsSpec(blocks=spec.blocks[:n], embed=spec.embed, final=spec.final)
+        if usage is not None:
+            u = usage[i]
+            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]])
+        else:
+            m = realised_macs(sub, [b.num_heads for b in sub.blocks], [b.num_groups for b in sub.blocks],
+                              [b.num_tokens for b in sub.blocks])
+        total += s.batch * m["total"]
+        blocks += s.batch * m["blocks"]
+        samples += s.batch
+        run_batch.setdefault(s.run, s.batch)
+    images = sum(run_batch.values()) / cfg_batches
+    static_total = samples * spec.static_macs
+    return {
+        "per_image": total / images,
+        "per_forward": total / samples,
+        "static_per_image": static_total / images,
+        "block_ratio": blocks / (samples * spec.block_total),
+        "macs_ratio": total / static_total,
+    }

@@ -1,0 +1,225 @@
+"""CLI commands of the DyDiT machinery: finetune, plan report, demo."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def finetune(
+    init: str = typer.Argument(..., help="static checkpoint to make dynamic (any format dydit.load reads)"),
+    out: str = typer.Option("runs/dydit", help="output folder"),
+    target: float = typer.Option(0.5, help="λ: target FLOPs ratio of the routed blocks"),
+    flops_weight: float = typer.Option(2.0, help="w in w·(mean r − λ_t)²"),
+    ramp_steps: int = typer.Option(100, help="λ_t ramps from 1.0 to λ over these steps"),
+    warmup_steps: int = typer.Option(100, help="steps with the complete-model loss added"),
+    router_lr: Optional[float] = typer.Option(None, help="router learning rate (default: --lr)"),
+    tau: float = typer.Option(5.0, help="gumbel-sigmoid temperature"),
+    width: bool = typer.Option(True, help="TDW: dynamic heads and MLP groups"),
+    tokens: bool = typer.Option(True, help="SDT: dynamic tokens through the MLP"),
+    reorder: bool = typer.Option(True, help="rank heads/channels by magnitude first"),
+    width_bias_init: float = typer.Option(15.0, help="initial width-router bias (all on)"),
+    token_bias_init: float = typer.Option(35.0, help="initial token-router bias (all on)"),
+    data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
+    steps: int = typer.Option(300, help="optimizer steps"),
+    batch_size: int = typer.Option(128, help="global batch size"),
+    lr: float = typer.Option(1e-4, help="learning rate of the backbone"),
+    ema_decay: float = typer.Option(0.99, help="EMA decay"),
+    grad_skip: float = typer.Option(100.0, help="skip updates whose gradient norm exceeds this"),
+    bf16: bool = typer.Option(False, help="bf16 autocast"),
+    seed: int = typer.Option(0, help="seed"),
+    ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
+    sample_every: int = typer.Option(0, help="sample grid every N steps (0: off)"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+    limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+):
+    """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP)."""
+    args = dict(locals())
+    import dydit
+    from dydit.dynamic import DynamicConfig, dynamize
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+    from dydit.train import TrainConfig, train
+
+    if not 0.0 < target <= 1.0:
+        raise typer.BadParameter(f"--target must be in (0, 1], got {target}; it is a share of the static FLOPs")
+    model = dydit.load(init)
+    if getattr(model, "dynamic_config", None) is not None:
+        raise typer.BadParameter(f"{init} is already a dynamic model; pass its static base")
+    dyn_cfg = DynamicConfig(width=width, tokens=tokens, tau=tau, width_bias_init=width_bias_init,
+                            token_bias_init=token_bias_init)
+    model = dynamize(model, dyn_cfg, reorder=reorder)
+    ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args})
+    tc = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args and f.name != "init"},
+                     warmup_steps=0, extra={"finetune": ft.to_dict(), "init": init})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "finetune.json").write_text(json.dumps({"finetune": ft.to_dict(), "init": init}, indent=2))
+    train(tc, model=model, task=FinetuneTask(model, ft))
+    typer.echo(f"DyDiT EMA weights: {Path(out) / 'ema'}")
+
+
+def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
+    """Median wall-clock seconds of one full sampling run, after a short warm-up run."""
+    import statistics
+    import time
+
+    from dydit.sampling import sample
+
+    sample(model, labels[:2], "ddim", 2, cfg_scale=cfg_scale, seed=seed, dyn=dyn)  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def demo(
+    out: str = typer.Option("demo", help="folder for the grids and the summary"),
+    steps: int = typer.Option(25, help="DDIM steps"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    per_class: int = typer.Option(8, help="samples per class in each grid"),
+    seed: int = typer.Option(0, help="seed (same noise for every model)"),
+    repeats: int = typer.Option(3, help="timed repeats (median)"),
+):
+    """Sample the embedded Fashion-MNIST models: static vs DyDiT side by side (grids, GMACs, s/image)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    import dydit
+    from dydit.assets import ASSETS_DIR, default_model_path
+    from dydit.dynamic import DynamicContext
+    from dydit.dynamic.flops import flops_spec
+    from dydit.dynamic.report import summarize
+    from dydit.viz import save_grid
+
+    console = Console()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = [("static", default_model_path())]
+    for lam in ("0.7", "0.5"):
+        p = ASSETS_DIR / f"fmnist_dydit_{lam}"
+        if p.exists():
+            models.append((f"DyDiT λ={lam}", p))
+    labels = torch.arange(10).repeat(per_class)
+    cfg_batches = 2 if cfg_scale != 1.0 else 1
+    table = Table(title=f"Fashion-MNIST, DDIM {steps} steps, CFG {cfg_scale}, {len(labels)} images, "
+                        f"{torch.get_num_threads()} CPU threads")
+    for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
+        table.add_column(col)
+    base_time = None
+    summary = []
+    with console.status("sampling..."):
+        for name, path in models:
+            model = dydit.load(path)
+            spec = flops_spec(model)
+            dynamic = getattr(model, "dynamic_config", None) is not None
+            dyn = DynamicContext("fast", record_usage=True) if dynamic else None
+            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats)
+            if dynamic:
+                # usage of the last timed run only
+                s = summarize(dyn.usage[-steps:], spec, cfg_batches)
+            else:
+                g = spec.static_macs / 1e9
+                s = {"flops_ratio": 1.0, "gmacs_per_forward": g, "gmacs_per_image": g * steps * cfg_batches}
+            per_image = seconds / len(labels)
+            base_time = base_time or per_image
+            grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
+                             nrow=10, pad=model.config.pixel_pad)
+            row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
+                       gmacs_per_image=s["gmacs_per_image"], s_per_image=per_image, speedup=base_time / per_image,
+                       grid=str(grid))
+            summary.append(row)
+            table.add_row(name, f"{row['flops_ratio']:.3f}", f"{row['gmacs_per_forward']:.4f}",
+                          f"{row['gmacs_per_image']:.3f}", f"{per_image * 1e3:.1f} ms", f"{row['speedup']:.2f}×", str(grid))
+    console.print(table)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"grids written to [bold]{out_dir.resolve()}[/bold] (one row per class index 0-9, columns = samples)")
+
+
+def plan(
+    checkpoint: str = typer.Argument(..., help="a dynamic (DyDiT) checkpoint"),
+    out: str = typer.Option("plan", help="folder for plan.md and plan.png"),
+    sampler: str = typer.Option("ddim", help="sampler whose timesteps define the plan"),
+    steps: int = typer.Option(25, help="sampling steps"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    num_images: int = typer.Option(20, help="images sampled to measure token shares"),
+    seed: int = typer.Option(0, help="seed"),
+):
+    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table + heat map)."""
+    import torch
+
+    import dydit
+    from dydit.dynamic import DynamicContext
+    from dydit.dynamic.flops import flops_spec
+    from dydit.dynamic.report import plan_heatmap, plan_table, summarize
+    from dydit.sampling import sample
+
+    model = dydit.load(checkpoint)
+    if getattr(model, "dynamic_config", None) is None:
+        raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
+    ctx = DynamicContext("fast", record_usage=True)
+    labels = torch.arange(num_images) % model.config.num_classes
+    sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+    spec = flops_spec(model)
+    s = summarize(ctx.usage, spec, 2 if cfg_scale != 1.0 else 1)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
+            f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
+            f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
+            f"{s['gmacs_per_image']:.3f} (static {s['static_gmacs_per_image']:.3f})\n\n" + plan_table(ctx.usage, spec))
+    (out_dir / "plan.md").write_text(text)
+    png = plan_heatmap(ctx.usage, spec, out_dir / "plan.png")
+    typer.echo(text[: text.index("| step")])
+    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}")
+
+
+bench_app = typer.Typer(help="Benchmarks (BENCHMARKS.md).", no_args_is_help=True)
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    models: str = typer.Option("DiT-B/2,DiT-XL/2", help="comma-separated registry names"),
+    targets: str = typer.Option("0.7,0.5,0.3", help="FLOPs ratios of the shaped plans"),
+    schedules: str = typer.Option("50,250", help="schedule lengths the plans span"),
+    batches: str = typer.Option("1,8", help="batch sizes"),
+    timed_steps: int = typer.Option(10, help="evenly spaced schedule steps timed per run"),
+    repeats: int = typer.Option(3, help="repeats (median)"),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    out: str = typer.Option("docs/bench_engine", help="output prefix (.md and .json)"),
+):
+    """B2: static vs dynamic step time at paper scale with trained-like plans; speedup vs FLOPs-ideal."""
+    import platform
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from dydit.bench import bench_engine, result_dicts, results_table
+
+    combos = [(m, float(t), int(s), int(b)) for m in models.split(",") for t in targets.split(",")
+              for s in schedules.split(",") for b in batches.split(",")]
+    results = []
+    for m, t, s, b in tqdm(combos, desc="bench engine"):
+        results.append(bench_engine(m, t, s, timed_steps, b, repeats, dtype, device))
+        typer.echo(results_table(results[-1:]).splitlines()[-1])
+    machine = (torch.cuda.get_device_name() if device.startswith("cuda") else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    md = f"Machine: {machine}; torch {torch.__version__}; dtype {dtype}\n\n" + results_table(results)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text(md)
+    Path(out + ".json").write_text(json.dumps(result_dicts(results), indent=2))
+    typer.echo(md)
+
+
+def register(app: typer.Typer):
+    app.command()(finetune)
+    app.command()(demo)
+    app.command()(plan)
+    app.add_typer(bench_app, name="bench")

@@ -1,0 +1,80 @@
+"""Plan reports: what a dynamic model actually ran at each sampling step, as a table and a heat map."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dydit.dynamic.flops import FlopsSpec, realised_macs
+
+
+def usage_arrays(usage, spec: FlopsSpec):
+    """(steps, blocks) arrays of head share, group share, token share, and per-step GMACs per sample."""
+    heads = np.array([[h / b.num_heads for h, b in zip(u.heads, spec.blocks)] for u in usage])
+    groups = np.array([[g / b.num_groups for g, b in zip(u.groups, spec.blocks)] for u in usage])
+    tokens = np.array([[k / (u.batch * u.tokens_total) for k in u.tokens_kept] for u in usage])
+    gmacs = np.array([
+        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["total"] / 1e9 for u in usage
+    ])
+    ratio = np.array([
+        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["blocks"] / spec.block_total
+        for u in usage
+    ])
+    return heads, groups, tokens, gmacs, ratio
+
+
+def summarize(usage, spec: FlopsSpec, cfg_batches: int = 1) -> dict:
+    """Realised FLOPs ratio and GMACs per forward and per image over one sampling run.
+
+    ``cfg_batches`` = 2 when guidance runs every image twice per step.
+    """
+    _, _, _, gmacs, ratio = usage_arrays(usage, spec)
+    return {
+        "flops_ratio": float(ratio.mean()),
+        "gmacs_per_forward": float(gmacs.mean()),
+        "gmacs_per_image": float(gmacs.sum() * cfg_batches),
+        "static_gmacs_per_forward": spec.static_macs / 1e9,
+        "static_gmacs_per_image": spec.static_macs / 1e9 * len(usage) * cfg_batches,
+        "steps": len(usage),
+    }
+
+
+def plan_table(usage, spec: FlopsSpec) -> str:
+    """Markdown table: one row per step with per-block heads/groups/token share and GMACs."""
+    heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
+    H = spec.blocks[0].num_heads
+    lines = ["| step | t | heads per block | groups per block | token share per block | ratio | GMACs |",
+             "|---|---|---|---|---|---|---|"]
+    for i, u in enumerate(usage):
+        lines.append(
+            f"| {i} | {u.t:g} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
+            f"{' '.join(f'{v:.2f}' for v in tokens[i])} | {ratio[i]:.3f} | {gmacs[i]:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plan_heatmap(usage, spec: FlopsSpec, path, title: str = "") -> Path:
+    """Three heat maps (blocks × steps): active head share, MLP group share, token share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
+    fig, axes = plt.subplots(4, 1, figsize=(max(6, len(usage) * 0.25), 9), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 3, 3, 1.5]})
+    for ax, data, name in zip(axes, (heads, groups, tokens), ("heads", "MLP groups", "tokens")):
+        im = ax.imshow(data.T, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_ylabel(f"block\n({name})")
+        fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    axes[3].plot(ratio, marker=".")
+    axes[3].set_ylabel("FLOPs ratio")
+    axes[3].set_ylim(0, 1.05)
+    axes[3].set_xlabel("sampling step (high noise → data)")
+    fig.suptitle(title or f"DyDiT plan: mean FLOPs ratio {ratio.mean():.3f}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,224 @@
+"""Benchmark B1 quality metrics: "FID (FMNIST classifier)" and conditional accuracy.
+
+FID is the Fréchet distance between Gaussians fitted to the penultimate-layer features of the shipped
+Fashion-MNIST classifier (:mod:`dydit.classifier`), generated samples against the 10k test images. It
+is not comparable with Inception FID. Conditional accuracy is the share of generated samples that the
+same classifier assigns to the class they were generated for.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+log = logging.getLogger(__name__)
+
+FID_NAME = "FID (FMNIST classifier)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
+    f = np.asarray(features.cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||² + tr(S1 + S2 - 2 (S1 S2)^½) between two Gaussians."""
+    # tr((S1 S2)^½) = tr((A S2 A)^½) with A = S1^½; A S2 A is symmetric PSD, so unlike sqrtm(S1 S2) the
+    # root stays real even for rank-deficient covariances (fewer samples than feature dimensions).
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    sqrt_s1 = _psd_sqrt(sigma1)
+    middle = sqrt_s1 @ sigma2 @ sqrt_s1
+    tr_covmean = np.sqrt(np.clip(scipy.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = scipy.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fid_from_features(features_a, features_b) -> float:
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+def conditional_accuracy(predicted, requested) -> float:
+    """Share of samples whose predicted class equals the class they were generated for."""
+    p, r = torch.as_tensor(np.asarray(predicted)).long(), torch.as_tensor(np.asarray(requested)).long()
+    if p.shape != r.shape or p.ndim != 1:
+        raise ValueError(f"predicted {tuple(p.shape)} and requested {tuple(r.shape)} must be equal 1-D shapes")
+    if len(p) == 0:
+        raise ValueError("no samples")
+    return (p == r).double().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# reference statistics of the real images, cached per classifier and data
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("DYDIT_CACHE_DIR"):
+        return Path(os.environ["DYDIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dydit"
+
+
+def reference_statistics(classifier=None, split: str = "test", data: str | None = None, cache_dir=None,
+                         limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the classifier features of the real ``split`` images, computed once and cached."""
+    # The cache key hashes the classifier weights and the images: a retrained classifier or other data
+    # never reuses stale statistics.
+    from dydit.classifier import classifier_hash, load_classifier, predict
+    from dydit.data.fashion_mnist import load_fashion_mnist
+
+    classifier = classifier if classifier is not None else load_classifier()
+    images, _ = load_fashion_mnist(split, data)
+    if limit:
+        images = images[:limit]
+    data_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"fid_ref_{split}_{classifier_hash(classifier)[:16]}_{data_key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return f["mu"], f["sigma"]
+        except Exception as e:  # a damaged cache is recomputed rather than trusted
+            log.warning("ignoring unreadable FID cache %s (%s)", path, e)
+    feats, _ = predict(classifier, torch.from_numpy(images.copy()))
+    mu, sigma = feature_statistics(feats)
+    from dydit.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
+    log.info("cached %s reference statistics of %d images in %s", split, len(images), path)
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring images
+# ---------------------------------------------------------------------------------------------
+
+
+def as_gray_uint8(images) -> torch.Tensor:
+    """uint8 (N, H, W), (N, H, W, 1|3) or (N, 1, H, W) (numpy or torch) -> torch uint8 (N, H, W)."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # a writable copy
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):
+        # `dydit sample` writes grayscale replicated to RGB; averaging also handles real RGB sensibly.
+        x = x.float().mean(-1).round().to(torch.uint8) if x.shape[-1] == 3 else x[..., 0]
+    if x.ndim != 3:
+        raise ValueError(f"expected images (N, H, W), (N, H, W, C) or (N, 1, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def evaluate_images(images, labels=None, classifier=None, reference=None, cache_dir=None,
+                    data: str | None = None) -> dict:
+    """FID and conditional accuracy of uint8 samples; ``labels`` are the requested classes (optional)."""
+    from dydit.classifier import load_classifier, predict
+
+    classifier = classifier if classifier is not None else load_classifier()
+    x = as_gray_uint8(images)
+    if reference is None:
+        reference = reference_statistics(classifier, data=data, cache_dir=cache_dir)
+    feats, preds = predict(classifier, x)
+    out = {"fid": frechet_distance(*feature_statistics(feats), *reference), "cond_acc": None, "num_samples": len(x)}
+    if labels is not None:
+        out["cond_acc"] = conditional_accuracy(preds, torch.as_tensor(np.asarray(labels)))
+    return out
+
+
+def load_npz_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (``arr_0``, uint8 (N, H, W, C)) and requested labels (``arr_1``, if present) of an .npz."""
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{path}: expected the images under key 'arr_0', found {sorted(f.keys())}")
+        images = f["arr_0"]
+        labels = f["arr_1"] if "arr_1" in f else None
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# generating and scoring a model
+# ---------------------------------------------------------------------------------------------
+
+
+def default_sampler(model) -> str:
+    return "ddim" if model.config.objective == "diffusion" else "euler"
+
+
+@torch.no_grad()
+def generate_samples(model, num_samples: int, sampler: str | None = None, steps: int = 25, cfg_scale: float = 1.5,
+                     seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True):
+    """Class-balanced samples: returns (uint8 (N, H, W, C), labels (N,), sampling seconds)."""
+    # Labels cycle through the classes (num_samples / num_classes each when divisible). All initial
+    # noise comes from one generator, so deterministic samplers give the same images for any batch size.
+    from dydit.sampling import sample
+    from dydit.viz import to_uint8_images
+
+    cfg = model.config
+    sampler = sampler or default_sampler(model)
+    device = next(model.parameters()).device
+    labels = torch.arange(num_samples) % cfg.num_classes
+    noise = torch.randn(num_samples, cfg.in_channels, cfg.input_size, cfg.input_size,
+                        generator=torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    batches = range(0, num_samples, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch", dynamic_ncols=True)
+    images, seconds = [], 0.0
+    for b, i in enumerate(batches):
+        t0 = time.perf_counter()
+        x = sample(model, labels[i : i + batch_size], method=sampler, num_steps=steps, cfg_scale=cfg_scale,
+                   seed=seed * 100_003 + b, dyn=dyn, noise=noise[i : i + batch_size].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        images.append(to_uint8_images(x, pad=cfg.pixel_pad))
+    model.train(was_training)
+    return np.concatenate(images), labels.numpy(), seconds
+
+
+def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, steps: int = 25,
+                   cfg_scale: float = 1.5, seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True,
+                   classifier=None, reference=None, cache_dir=None, data: str | None = None) -> dict:
+    """Samples ``num_samples`` class-balanced images and scores them (B1); see :func:`generate_samples`."""
+    sampler = sampler or default_sampler(model)
+    images, labels, seconds = generate_samples(model, num_samples, sampler, steps, cfg_scale, seed, batch_size,
+                                               dyn=dyn, progress=progress)
+    scores = evaluate_images(images, labels, classifier=classifier, reference=reference, cache_dir=cache_dir,
+                             data=data)
+    return {
+        "fid": scores["fid"],
+        "cond_acc": scores["cond_acc"],
+        "num_samples": num_samples,
+        "sampler": sampler,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "seconds": seconds,
+        "s_per_image": seconds / max(num_samples, 1),
+    }
