@@ -59,6 +59,11 @@ from dydit.cli_eval import register as _register_eval  # noqa: E402
 
 _register_eval(app)
 
+# `dydit sample` (grids and ADM-style .npz samples) lives in cli_sample.py.
+from dydit.cli_sample import register as _register_sample  # noqa: E402
+
+_register_sample(app)
+
 
 def main():
     app()

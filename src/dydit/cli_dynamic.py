@@ -8,6 +8,10 @@ from typing import Optional
 
 import typer
 
+from dydit.peft.td_lora.config import DEFAULT_TARGETS, TDLoRAConfig
+
+_PEFT = ("none", "lora", "td-lora")
+
 
 def finetune(
     init: str = typer.Argument(..., help="static checkpoint to make dynamic (any format dydit.load reads)"),
@@ -37,6 +41,13 @@ def finetune(
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
+                             "timestep-mixed LoRA experts train; lora: the same with one expert"),
+    lora_rank: Optional[int] = typer.Option(None, help=TDLoRAConfig.help("r")),
+    lora_experts: int = typer.Option(4, help=TDLoRAConfig.help("num_experts") + " (--peft td-lora)"),
+    lora_alpha: Optional[float] = typer.Option(None, help=TDLoRAConfig.help("lora_alpha")),
+    lora_targets: str = typer.Option(",".join(DEFAULT_TARGETS), help=TDLoRAConfig.help("target_modules")
+                                     + " (comma-separated)"),
 ):
     """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP)."""
     args = dict(locals())
@@ -47,18 +58,43 @@ def finetune(
 
     if not 0.0 < target <= 1.0:
         raise typer.BadParameter(f"--target must be in (0, 1], got {target}; it is a share of the static FLOPs")
+    if peft not in _PEFT:
+        raise typer.BadParameter(f"--peft must be one of {_PEFT}, got {peft!r}")
     model = dydit.load(init)
     if getattr(model, "dynamic_config", None) is not None:
         raise typer.BadParameter(f"{init} is already a dynamic model; pass its static base")
     dyn_cfg = DynamicConfig(width=width, tokens=tokens, tau=tau, width_bias_init=width_bias_init,
                             token_bias_init=token_bias_init)
     model = dynamize(model, dyn_cfg, reorder=reorder)
+    lora_cfg = None
+    if peft != "none":
+        from dydit.peft import apply_td_lora, trainable_report
+
+        lora_cfg = TDLoRAConfig(r=lora_rank, num_experts=1 if peft == "lora" else lora_experts, lora_alpha=lora_alpha,
+                                target_modules=[t.strip() for t in lora_targets.split(",") if t.strip()])
+        model = apply_td_lora(model, lora_cfg)
+        lora_cfg = model.td_lora_config["default"]
+        n, total, share = trainable_report(model)
+        typer.echo(f"{peft}: {n:,} trainable parameters ({100 * share:.2f}% of the {total:,}-parameter backbone)")
     ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args})
-    tc = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args and f.name != "init"},
-                     warmup_steps=0, extra={"finetune": ft.to_dict(), "init": init})
+    # --warmup-steps is the complete-model warm-up (FinetuneConfig), not the LR warm-up of TrainConfig
+    own = {f.name: args[f.name] for f in fields(TrainConfig)
+           if f.name in args and f.name not in ("init", "warmup_steps")}
+    tc = TrainConfig(**own, warmup_steps=0, extra={"finetune": ft.to_dict(), "init": init})
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "finetune.json").write_text(json.dumps({"finetune": ft.to_dict(), "init": init}, indent=2))
-    train(tc, model=model, task=FinetuneTask(model, ft))
+    peft_info = {"peft": peft, "td_lora": lora_cfg.to_dict()} if lora_cfg is not None else {}
+    summary = {"finetune": ft.to_dict(), "init": init, **peft_info}
+    (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
+    task = FinetuneTask(model, ft)
+    if lora_cfg is not None:
+        from dydit.peft import save_adapters, td_lora_fast_context
+
+        task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
+    ema = train(tc, model=model, task=task)
+    if lora_cfg is not None:
+        save_adapters(ema, Path(out) / "adapters", base_reordered=reorder)
+        typer.echo(f"adapters + routers: {Path(out) / 'adapters'} (apply to {init} with dydit.peft.load_adapters)")
+        return
     typer.echo(f"DyDiT EMA weights: {Path(out) / 'ema'}")
 
 

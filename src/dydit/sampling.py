@@ -1,15 +1,23 @@
-"""One sampling entry point for every backbone, objective and sampler, with classifier-free guidance."""
+"""One sampling entry point for every backbone, objective and sampler, with classifier-free guidance.
+
+Samplers by objective (all with a fixed number of network-call steps):
+  diffusion (DiT, t in original 1000-step units): ``ddpm`` (ancestral, learned variance; 250 steps is
+  the paper's protocol), ``ddim`` (deterministic), ``dpm++2m`` (DPM-Solver++ 2M);
+  flow (SiT, t in [0, 1]): ``euler``, ``heun`` (2 calls per step), ``em`` (Euler–Maruyama SDE).
+Every process object answers ``sampling_timesteps()`` (the model-unit t of each network call, in
+order) and ``sample(model_fn, noise, progress, generator)``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from dydit.diffusion.flow import FlowMatching
-from dydit.diffusion.gaussian import GaussianDiffusion
+from dydit.diffusion.flow import FLOW_SAMPLERS, FlowMatching
+from dydit.diffusion.gaussian import GaussianDiffusion, ddim_or_even_spacing
 
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("euler",)
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": FLOW_SAMPLERS}
 
 
 @dataclass
@@ -17,37 +25,52 @@ class SamplerSpec:
     method: str = "ddim"
     num_steps: int = 50
     cfg_scale: float = 1.0
-    guided_channels: int | None = 3  # DiT convention; None guides all channels
+    guided_channels: int | None = 3  # DiT convention; None guides all channels (flow: always all)
+
+
+def default_sampler(model) -> str:
+    """``ddim`` for diffusion models, ``euler`` for flow models."""
+    return "ddim" if model.config.objective == "diffusion" else "euler"
 
 
 def make_process(model, method: str, num_steps: int):
     """The diffusion/flow process object that both samples and tells the plan which t it visits."""
     objective = model.config.objective
-    if objective == "diffusion":
-        if method not in DIFFUSION_SAMPLERS:
-            raise ValueError(f"sampler {method!r} is not for diffusion models; choose from {DIFFUSION_SAMPLERS}")
-        respacing = f"ddim{num_steps}" if method == "ddim" and 1000 % num_steps == 0 else str(num_steps)
-        return GaussianDiffusion(respacing=respacing, learn_sigma=model.config.learn_sigma)
+    if objective not in SAMPLERS:
+        raise ValueError(f"unknown objective {objective!r}")
+    if method not in SAMPLERS[objective]:
+        raise ValueError(f"sampler {method!r} is not for {objective} models; choose from {SAMPLERS[objective]}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if objective == "flow":
-        if method not in FLOW_SAMPLERS:
-            raise ValueError(f"sampler {method!r} is not for flow models; choose from {FLOW_SAMPLERS}")
-        return FlowMatching(num_steps=num_steps)
-    raise ValueError(f"unknown objective {objective!r}")
+        return FlowMatching(num_steps=num_steps, sampler=method)
+    if method == "dpm++2m":
+        from dydit.diffusion.dpm_solver import DPMSolverPlusPlus
+
+        return DPMSolverPlusPlus(num_steps)
+    if num_steps > 1000:
+        raise ValueError(f"a 1000-step diffusion can be respaced to at most 1000 steps, got {num_steps}")
+    # DDIM takes strided steps (0, s, 2s, ...) when the stride is exact; DDPM uses IDDPM's even spacing (ends at 999).
+    respacing = ddim_or_even_spacing(1000, num_steps) if method == "ddim" else str(num_steps)
+    return GaussianDiffusion(respacing=respacing, learn_sigma=model.config.learn_sigma, sampler=method,
+                             clip_denoised=model.config.clip_denoised)
 
 
 def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None, dyn=None):
-    """Returns f(x, t) for the sampler; with guidance, both halves run in one batch of 2B."""
+    """Returns f(x, t) for the sampler; with guidance, both halves run in one batch of 2B.
+
+    ``guided_channels``: DiT guides only the first 3 predicted channels (its released convention),
+    None guides every channel; flow models always guide the full velocity, as SiT does.
+    """
     num_classes = model.config.num_classes
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, labels, dyn=dyn)
     if model.y_embedder.dropout_prob <= 0:
         raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
-    gc = guided_channels
-    if model.config.objective == "flow" and gc == 3:
-        gc = None  # SiT guides the whole velocity
+    gc = None if model.config.objective == "flow" else guided_channels
 
-    def fn(x, t):
+    def fn(x, t):  # (B, C, H, W), (B,) -> (B, C_out, H, W), guided
         xx = torch.cat([x, x])
         tt = torch.cat([t, t])
         out = model.forward_with_cfg(xx, tt, y, cfg_scale, guided_channels=gc, dyn=dyn)
@@ -59,7 +82,11 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
 @torch.no_grad()
 def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.0,
            guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None):
-    """Draws one image per label; returns model-space samples (B, C, H, W)."""
+    """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models).
+
+    ``progress`` wraps the step loop (e.g. tqdm); ``dyn.prepare(model, process)`` runs first so a fast
+    DyDiT plans the widths of every timestep the sampler will query.
+    """
     cfg = model.config
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device, dtype=torch.long)
@@ -72,12 +99,11 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
         noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
     process = make_process(model, method, num_steps)
     fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn)
-    if dyn is not None:
-        dyn.prepare(model, process)
-    if method == "ddpm":
-        return process.ddpm_sample(fn, noise, progress=progress, generator=gen)
-    if method == "ddim":
-        return process.ddim_sample(fn, noise, progress=progress, generator=gen)
-    if method == "euler":
-        return process.euler_sample(fn, noise, progress=progress, generator=gen)
-    raise ValueError(f"unknown sampler {method!r}")
+    was_training = model.training
+    model.eval()  # training mode would drop labels and draw gumbel noise in the routers
+    try:
+        if dyn is not None:
+            dyn.prepare(model, process)
+        return process.sample(fn, noise, progress=progress, generator=gen)
+    finally:
+        model.train(was_training)

@@ -1,5 +1,6 @@
 """Gaussian diffusion as in DiT / IDDPM: linear 1000-step schedule, ε prediction with learned-range
-variance, training loss ε-MSE + VLB, timestep respacing, DDPM ancestral and DDIM samplers.
+variance, training loss ε-MSE + VLB, timestep respacing, DDPM ancestral and DDIM samplers
+(DPM-Solver++ lives in :mod:`dydit.diffusion.dpm_solver`).
 
 Timesteps given to the model are always in the original 1000-step units, also after respacing, so a
 dynamic model's width plan is indexed by the same t the routers were trained on.
@@ -11,6 +12,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+GAUSSIAN_SAMPLERS = ("ddpm", "ddim")
 
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
@@ -44,6 +47,16 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
         all_steps += taken
         start_idx += size
     return sorted(set(all_steps))
+
+
+def ddim_or_even_spacing(num_timesteps: int, num_steps: int) -> str:
+    """DDIM's uniform stride ("ddimN": 0, s, 2s, ...) when N divides T, else IDDPM's even spacing ("N")."""
+    return f"ddim{num_steps}" if num_timesteps % num_steps == 0 else str(num_steps)
+
+
+def _randn(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal like ``x``, drawn on the generator's device (CPU) so seeds reproduce anywhere."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
 
 
 def _extract(arr: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:
@@ -87,7 +100,14 @@ class GaussianDiffusion:
 
     objective = "diffusion"
 
-    def __init__(self, num_timesteps: int = 1000, respacing: str | int | None = None, learn_sigma: bool = True):
+    def __init__(self, num_timesteps: int = 1000, respacing: str | int | None = None, learn_sigma: bool = True,
+                 sampler: str = "ddpm", clip_denoised: bool = False):
+        # Pixel-space models clamp the predicted x0 to the data range while sampling (as IDDPM/ADM do);
+        # latent models (DiT) do not.
+        self.clip_denoised = clip_denoised
+        if sampler not in GAUSSIAN_SAMPLERS:
+            raise ValueError(f"unknown diffusion sampler {sampler!r}; choose from {GAUSSIAN_SAMPLERS}")
+        self.sampler = sampler
         base_betas = linear_betas(num_timesteps)
         self.original_num_steps = num_timesteps
         self.learn_sigma = learn_sigma
@@ -97,9 +117,10 @@ class GaussianDiffusion:
         else:
             use = space_timesteps(num_timesteps, respacing)
             alphas_cumprod = np.cumprod(1.0 - base_betas)
+            keep = set(use)
             last, new_betas = 1.0, []
             for i, ac in enumerate(alphas_cumprod):
-                if i in set(use):
+                if i in keep:
                     new_betas.append(1 - ac / last)
                     last = ac
             betas = np.array(new_betas)
@@ -215,29 +236,35 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl)
 
     # ---- samplers ----
+    def sample(self, model_fn, noise, progress=None, generator=None):
+        """Runs the sampler chosen at construction (``ddpm`` or ``ddim``)."""
+        run = self.ddpm_sample if self.sampler == "ddpm" else self.ddim_sample
+        return run(model_fn, noise, progress=progress, generator=generator)
+
     def ddpm_sample(self, model_fn, noise, progress: Iterable | None = None, generator=None):
         """Ancestral sampling with the learned variance; ``model_fn(x, model_t)`` -> network output."""
         x = noise
         indices = list(range(self.num_timesteps))[::-1]
         for i in progress(indices) if progress else indices:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)
+            out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t, self.clip_denoised)
+            z = _randn(x, generator) if i > 0 else torch.zeros_like(x)
             x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
         return x
 
     def ddim_sample(self, model_fn, noise, eta: float = 0.0, progress=None, generator=None):
+        """DDIM (eta = 0: deterministic); with respacing "ddimN" this is the paper's strided DDIM."""
         x = noise
         indices = list(range(self.num_timesteps))[::-1]
         for i in progress(indices) if progress else indices:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t)
+            out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t, self.clip_denoised)
             eps = out["eps"]
             a_bar = _extract(self.alphas_cumprod, t, x.shape)
             a_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
             sigma = eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_bar_prev)
             mean = out["pred_xstart"] * torch.sqrt(a_bar_prev) + torch.sqrt(1 - a_bar_prev - sigma**2) * eps
             if i > 0 and eta > 0:
-                mean = mean + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+                mean = mean + sigma * _randn(x, generator)
             x = mean
         return x

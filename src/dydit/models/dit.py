@@ -48,6 +48,8 @@ class DiTConfig:
     # Pixel-space models have no VAE; latent models name one (a local diffusers AutoencoderKL folder).
     vae: str | None = None
     vae_scaling_factor: float = 0.18215
+    # Clamp predicted x0 to [-1, 1] while sampling: right for pixel-space data, not for VAE latents.
+    clip_denoised: bool = False
     # Pixel-space images are padded by this many background pixels per side to fit input_size.
     pixel_pad: int = 0
     name: str = "custom"
@@ -267,10 +269,11 @@ CONFIGS["SiT-Tiny"] = lambda **kw: DiTConfig(
 # The embedded Fashion-MNIST model: 28x28 pixels padded to 30x30, patch 3 -> 100 tokens, 4 heads.
 CONFIGS["DiT-FMNIST"] = lambda **kw: DiTConfig(
     **{**dict(input_size=30, patch_size=3, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-              num_classes=10, pixel_pad=1, name="DiT-FMNIST"), **kw})
+              num_classes=10, pixel_pad=1, clip_denoised=True, name="DiT-FMNIST"), **kw})
 CONFIGS["SiT-FMNIST"] = lambda **kw: DiTConfig(
     **{**dict(input_size=30, patch_size=3, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-              num_classes=10, pixel_pad=1, objective="flow", learn_sigma=False, name="SiT-FMNIST"), **kw})
+              num_classes=10, pixel_pad=1, objective="flow", learn_sigma=False, clip_denoised=True,
+              name="SiT-FMNIST"), **kw})
 
 
 def build_config(name: str, **overrides) -> DiTConfig:

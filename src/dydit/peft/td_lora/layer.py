@@ -130,11 +130,16 @@ class TDLoRALinear(nn.Module):
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not pending:
             return out
-        t_emb = self._current_t_emb(x.shape[0])
+        t_emb = None
         lead = (x.shape[0],) + (1,) * (x.ndim - 2)
         for name in pending:
             K, r = self.num_experts[name], self.r[name]
             u = self.lora_A[name](self.lora_dropout[name](x))  # (B, ..., K·r)
+            if K == 1:  # plain LoRA: no timestep dependence
+                out = out + self.lora_B[name](u) * self.scaling[name]
+                continue
+            if t_emb is None:
+                t_emb = self._current_t_emb(x.shape[0])
             coef = self.mixing_weights(name, t_emb).to(u.dtype) * self.scaling[name]  # (B, K)
             u = (u.unflatten(-1, (K, r)) * coef.view(*lead, K, 1)).flatten(-2)
             out = out + self.lora_B[name](u)

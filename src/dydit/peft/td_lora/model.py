@@ -8,7 +8,6 @@ step runs exactly the narrow matmuls of a fully fine-tuned DyDiT, with no adapte
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ from dydit.dynamic.ops import group_rows, head_rows, qkv_rows
 from dydit.dynamic.plan import SlicedWeights, time_key
 from dydit.peft.td_lora.config import TDLoRAConfig
 from dydit.peft.td_lora.layer import TDLoRALinear, TimestepState, capture_t_emb
-
-log = logging.getLogger(__name__)
 
 PEFT_TYPE = "TD_LORA"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -57,7 +54,8 @@ def _find_targets(model, targets: list[str]):
             if t is None or not isinstance(module, (nn.Linear, TDLoRALinear)):
                 continue
             parent_name, _, attr = sub.rpartition(".")
-            found.append((f"blocks.{i}.{sub}", block.get_submodule(parent_name) if parent_name else block, attr, module))
+            parent = block.get_submodule(parent_name) if parent_name else block
+            found.append((f"blocks.{i}.{sub}", parent, attr, module))
             hits[t] += 1
     unmatched = [t for t, n in hits.items() if n == 0]
     if unmatched:
@@ -112,7 +110,8 @@ def apply_td_lora(model, config: TDLoRAConfig | None = None, adapter_name: str =
         module.add_adapter(adapter_name, config.r, config.num_experts, config.lora_alpha, D, config.router,
                            config.router_hidden, config.lora_dropout)
     for name, p in model.named_parameters():
-        if any(k in name for k in _ADAPTER_KEYS) or (config.train_routers and _is_router_name(name)):
+        own_adapter = any(f"{k}{adapter_name}." in name for k in _ADAPTER_KEYS)
+        if own_adapter or (config.train_routers and _is_router_name(name)):
             p.requires_grad_(True)
     model.td_lora_config = {**configs, adapter_name: config}
     return model

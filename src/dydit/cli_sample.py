@@ -1,0 +1,137 @@
+"""`dydit sample`: class-conditional images from any supported checkpoint, as a grid and/or an .npz."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _parse_classes(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.replace(" ", "").split(",") if c != ""]
+    except ValueError:
+        raise typer.BadParameter(f"--classes must be comma-separated class ids such as 0,1,2; got {text!r}") from None
+    if not classes:
+        raise typer.BadParameter("--classes is empty")
+    return classes
+
+
+def _default_checkpoint() -> Path:
+    try:
+        from dydit.assets import default_model_path
+    except ImportError as e:
+        raise FileNotFoundError(f"no checkpoint given and this dydit has no embedded model ({e})") from None
+    return default_model_path()
+
+
+def _resolve_vae(vae: str, checkpoint: Path) -> Path:
+    """A relative VAE path is looked up beside the checkpoint first, then from the working directory."""
+    path = Path(vae)
+    if not path.is_absolute():
+        beside = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / path
+        if beside.exists():
+            return beside
+    return path
+
+
+def _grid_columns(num_classes_shown: int, num_images: int) -> int:
+    # one column per class when that reads well; otherwise a near-square mosaic
+    return num_classes_shown if num_classes_shown <= 16 else max(1, math.ceil(math.sqrt(num_images)))
+
+
+def sample_command(
+    checkpoint: Optional[str] = typer.Argument(None, help="model folder or checkpoint (default: the embedded model)"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated class ids, e.g. 0,1,2 (default: every class)"),
+    num_per_class: Optional[int] = typer.Option(None, help="images per class (default: 1 with --classes, else 4)"),
+    sampler: Optional[str] = typer.Option(
+        None, help="diffusion: ddpm, ddim, dpm++2m; flow: euler, heun, em (default: ddim or euler)"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: 250 for ddpm, 25 otherwise)"),
+    cfg_scale: float = typer.Option(1.5, help="classifier-free guidance scale (1: off)"),
+    guide_all_channels: bool = typer.Option(
+        False, help="guide every predicted channel instead of DiT's first three (flow models always guide all)"),
+    seed: int = typer.Option(0, help="seed of the noise"),
+    batch_size: int = typer.Option(64, help="images per sampling batch"),
+    out: Optional[str] = typer.Option("samples.png", help="grid image to write ('' to skip)"),
+    npz: Optional[str] = typer.Option(None, help="also write uint8 images (arr_0, N×H×W×3) and labels (arr_1)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+):
+    """Sample class-conditional images; write a grid PNG and optionally an ADM-style .npz."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    import dydit
+    from dydit.sampling import default_sampler, sample
+    from dydit.viz import make_grid, to_uint8_images
+
+    if batch_size < 1:
+        raise typer.BadParameter("--batch-size must be >= 1")
+    if num_per_class is not None and num_per_class < 1:
+        raise typer.BadParameter("--num-per-class must be >= 1")
+    try:
+        path = Path(checkpoint) if checkpoint else _default_checkpoint()
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = dydit.load(path).to(dev).eval()
+        cfg = model.config
+        shown = _parse_classes(classes) if classes else list(range(cfg.num_classes))
+        bad = [c for c in shown if not 0 <= c < cfg.num_classes]
+        if bad:
+            raise typer.BadParameter(f"class ids {bad} are outside [0, {cfg.num_classes})")
+        per_class = num_per_class or (1 if classes else 4)
+        labels = torch.tensor(shown).repeat(per_class)  # row r holds the r-th image of every class
+        method = sampler or default_sampler(model)
+        num_steps = steps or (250 if method == "ddpm" else 25)
+        vae = None
+        if cfg.vae:
+            from dydit.vae import load_vae
+
+            vae = load_vae(_resolve_vae(cfg.vae, path), device=dev)
+        guided = None if guide_all_channels else 3
+        image_channels = 3 if vae is not None else cfg.in_channels
+        if image_channels not in (1, 3):
+            raise ValueError(f"{path}: a pixel-space model with {image_channels} channels and no VAE in its "
+                             "config cannot be written as images (expected 1 or 3 channels)")
+
+        batches = range(0, len(labels), batch_size)
+        bar = tqdm(total=len(batches) * num_steps, desc=f"sampling ({method}, {num_steps} steps)", unit="step",
+                   dynamic_ncols=True)
+
+        def progress(step_iter):
+            for s in step_iter:
+                yield s
+                bar.update(1)
+
+        images = []
+        for b, i in enumerate(batches):
+            x = sample(model, labels[i : i + batch_size], method=method, num_steps=num_steps, cfg_scale=cfg_scale,
+                       guided_channels=guided, seed=seed * 100_003 + b, progress=progress)
+            if vae is not None:
+                x = vae.decode(x)
+            images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
+        bar.close()
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+
+    images = np.concatenate(images)  # (N, H, W, 1 or 3) uint8
+    if out:
+        from PIL import Image
+
+        grid = make_grid(images, _grid_columns(len(shown), len(images)), scale=3 if images.shape[1] < 64 else 1)
+        out_path = Path(out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(out_path)
+        typer.echo(f"wrote a grid of {len(images)} images to {out_path}")
+    if npz:
+        rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images  # the ADM suite wants RGB
+        npz_path = Path(npz)
+        npz_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(npz_path, "wb") as f:  # a file object keeps the name as given (np.savez would append .npz)
+            np.savez(f, arr_0=rgb, arr_1=labels.numpy())
+        typer.echo(f"wrote {len(rgb)} samples (uint8 {'x'.join(map(str, rgb.shape))}) and their labels to {npz_path}")
+
+
+def register(app: typer.Typer):
+    app.command("sample")(sample_command)
