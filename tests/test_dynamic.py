@@ -193,3 +193,24 @@ def test_flops_ratio_counts_active_fraction():
     b = spec.blocks[0]
     expect = (0.5 * b.attn + 0.5 * b.mlp) / (b.attn + b.mlp)
     assert torch.allclose(dynamic_ratio(spec, half), torch.full((2,), expect))
+
+
+def test_gumbel_noise_zero_gives_the_eval_masks_and_the_anneal_reaches_zero():
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+    from dydit.dynamic.routers import gumbel_sigmoid_ste
+
+    logits = torch.randn(64, 7, requires_grad=True)
+    hard = gumbel_sigmoid_ste(logits, tau=5.0, training=True, noise=0.0)
+    assert torch.equal(hard.detach(), gumbel_sigmoid_ste(logits, 5.0, training=False))
+    hard.sum().backward()  # straight-through: gradients flow through the soft sigmoid
+    assert logits.grad.abs().sum() > 0
+    noisy = gumbel_sigmoid_ste(logits.detach(), 5.0, True, noise=1.0)
+    assert not torch.equal(noisy, hard.detach())  # 448 draws: the noise flips some near-zero logits
+
+    task = FinetuneTask.__new__(FinetuneTask)
+    task.cfg = FinetuneConfig(total_steps=100, noise_anneal=0.3)
+    scales = [task.noise_at(s) for s in range(100)]
+    assert scales[0] == 1.0 and scales[69] == 1.0 and scales[-1] == 0.0
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+    task.cfg = FinetuneConfig(total_steps=None)
+    assert task.noise_at(50) == 1.0

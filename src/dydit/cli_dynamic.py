@@ -20,13 +20,17 @@ def finetune(
     flops_weight: float = typer.Option(2.0, help="w in w·(mean r − λ_t)²"),
     ramp_steps: int = typer.Option(100, help="λ_t ramps from 1.0 to λ over these steps"),
     warmup_steps: int = typer.Option(100, help="steps with the complete-model loss added"),
-    router_lr: Optional[float] = typer.Option(None, help="router learning rate (default: --lr)"),
+    router_lr: Optional[float] = typer.Option(3e-2, help="router learning rate (routers start from zero weights "
+                                              "and must move within a short fine-tune)"),
+    noise_anneal: float = typer.Option(0.3, help="gumbel noise decays to 0 over this final share of the steps, "
+                                       "so the trained masks are the ones inference uses"),
     tau: float = typer.Option(5.0, help="gumbel-sigmoid temperature"),
     width: bool = typer.Option(True, help="TDW: dynamic heads and MLP groups"),
     tokens: bool = typer.Option(True, help="SDT: dynamic tokens through the MLP"),
     reorder: bool = typer.Option(True, help="rank heads/channels by magnitude first"),
-    width_bias_init: float = typer.Option(15.0, help="initial width-router bias (all on)"),
-    token_bias_init: float = typer.Option(35.0, help="initial token-router bias (all on)"),
+    width_bias_init: float = typer.Option(2.0, help="initial width-router bias (>0: all on, the static function; "
+                                          "the authors' 15 suits their long fine-tunes)"),
+    token_bias_init: float = typer.Option(2.0, help="initial token-router bias (>0: all on; the authors use 35)"),
     data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
     steps: int = typer.Option(300, help="optimizer steps"),
     batch_size: int = typer.Option(128, help="global batch size"),
@@ -76,7 +80,8 @@ def finetune(
         lora_cfg = model.td_lora_config["default"]
         n, total, share = trainable_report(model)
         typer.echo(f"{peft}: {n:,} trainable parameters ({100 * share:.2f}% of the {total:,}-parameter backbone)")
-    ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args})
+    ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args},
+                        total_steps=steps)
     # --warmup-steps is the complete-model warm-up (FinetuneConfig), not the LR warm-up of TrainConfig
     own = {f.name: args[f.name] for f in fields(TrainConfig)
            if f.name in args and f.name not in ("init", "warmup_steps")}

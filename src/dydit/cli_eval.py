@@ -45,8 +45,14 @@ def eval_command(
             path = checkpoint or default_model_path()
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             model = dydit.load(path).to(dev)
+            dyn = None
+            if getattr(model, "dynamic_config", None) is not None:
+                from dydit.dynamic import DynamicContext
+
+                dyn = DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
             result = evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size,
-                                             data=data, cache_dir=cache_dir)
+                                             dyn=dyn, data=data, cache_dir=cache_dir)
+            result.update(_compute_summary(model, dyn, steps, cfg_scale))
             result["source"] = str(path)
             result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
             result["threads"] = torch.get_num_threads()
@@ -58,6 +64,21 @@ def eval_command(
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _compute_summary(model, dyn, steps: int, cfg_scale: float) -> dict:
+    """Realised FLOPs ratio and GMACs per image of the sampling run that was scored."""
+    from dydit.dynamic.flops import flops_spec
+    from dydit.dynamic.report import usage_arrays
+
+    spec = flops_spec(model)
+    cfg_batches = 2 if cfg_scale != 1.0 else 1
+    if dyn is None or not dyn.usage:
+        g = spec.static_macs / 1e9
+        return {"flops_ratio": 1.0, "gmacs_per_forward": g, "gmacs_per_image": g * steps * cfg_batches}
+    _, _, _, gmacs, ratio = usage_arrays(dyn.usage, spec)  # one entry per step of every batch
+    return {"flops_ratio": float(ratio.mean()), "gmacs_per_forward": float(gmacs.mean()),
+            "gmacs_per_image": float(gmacs.mean()) * steps * cfg_batches}
 
 
 def _cpu_name() -> str:

@@ -38,11 +38,13 @@ class StepUsage:
 
 class DynamicContext:
     def __init__(self, mode: str = "masked", tau: float | None = None, plan: WidthPlan | None = None,
-                 weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = 2 * 1024**3):
+                 weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = 2 * 1024**3,
+                 noise: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")
         self.mode = mode
         self.tau = tau
+        self.noise = noise  # gumbel-noise scale of the train-mode masks (annealed to 0 by fine-tuning)
         self.plan = plan if plan is not None else WidthPlan()
         self.weights = weights if weights is not None else SlicedWeights(max_cache_bytes)
         self.record_usage = record_usage

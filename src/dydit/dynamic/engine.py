@@ -53,13 +53,13 @@ def dynamic_block_forward(block, x, c, t_emb, dyn):
         return x
 
     training = dyn.mode == "train"
-    head_mask = block.attn_rate(t_emb, dyn.tau, training) if width else None
+    head_mask = block.attn_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
     heads = block.attn.heads(h)
     if head_mask is not None:
         heads = masked_heads(heads, head_mask, H)
     x = x + gate_msa.unsqueeze(1) * block.attn.proj(heads)
-    token_mask = block.token_selection(x, dyn.tau, training) if tokens else None
-    group_mask = block.mlp_rate(t_emb, dyn.tau, training) if width else None
+    token_mask = block.token_selection(x, dyn.tau, training, dyn.noise) if tokens else None
+    group_mask = block.mlp_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
     hm = modulate(block.norm2(x), shift_mlp, scale_mlp)
     mlp_out = masked_mlp(block.mlp, hm, group_mask) if group_mask is not None else block.mlp(hm)
     update = gate_mlp.unsqueeze(1) * mlp_out

@@ -25,6 +25,8 @@ class FinetuneConfig:
     width: bool = True  # TDW (ablation: off = SDT only)
     tokens: bool = True  # SDT (ablation: off = TDW only)
     reorder: bool = True  # rank heads/channels by weight magnitude before fine-tuning
+    noise_anneal: float = 0.3  # gumbel noise decays linearly to 0 over this final share of the steps
+    total_steps: int | None = None  # length of the run (set by the CLI; needed for the noise anneal)
 
     def to_dict(self):
         return asdict(self)
@@ -56,14 +58,14 @@ class FinetuneTask:
         B = len(x)
         t = self.process.sample_t(B, x.device, generator=gen, stratified=self.cfg.stratified)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
-        ctx = DynamicContext("train", tau=self.cfg.tau)
+        ctx = DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
         terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y, dyn=ctx), x, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = target_at(step, self.cfg.target, self.cfg.ramp_steps)
         f_loss = flops_loss(ratio, lam, self.cfg.flops_weight)
         loss = terms["loss"].mean() + f_loss
         logs = {"loss": loss.item(), "diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
-                "flops_ratio": ratio.mean().item(), "target": lam}
+                "flops_ratio": ratio.mean().item(), "target": lam, "noise": ctx.noise}
         if step < self.cfg.warmup_steps:
             inner = getattr(model, "module", model)  # one DDP forward per step; see docs/ARCHITECTURE.md
             full = DynamicContext("complete")
@@ -71,6 +73,14 @@ class FinetuneTask:
             loss = loss + complete["loss"].mean()
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
+
+    def noise_at(self, step: int) -> float:
+        """Gumbel-noise scale: 1 until the anneal starts, then linearly to 0 at the last step."""
+        total, share = self.cfg.total_steps, self.cfg.noise_anneal
+        if not total or share <= 0:
+            return 1.0
+        start = total * (1.0 - share)
+        return float(min(1.0, max(0.0, (total - 1 - step) / max(total - 1 - start, 1e-9))))
 
     def progress_fields(self, logs):
         return {"loss": f"{logs['diff_loss']:.4f}", "flops": f"{logs['flops_ratio']:.3f}", "λ": f"{logs['target']:.2f}"}

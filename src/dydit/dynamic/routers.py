@@ -9,17 +9,21 @@ import torch
 import torch.nn as nn
 
 
-def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
+def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, noise: float = 1.0) -> torch.Tensor:
     """Hard 0/1 mask. Train: gumbel-sigmoid forward as a step, backward through the soft sigmoid.
-    Eval: plain threshold at logit 0, no noise."""
+    Eval: plain threshold at logit 0, no noise.
+
+    ``noise`` scales the gumbel noise; annealing it to 0 at the end of fine-tuning makes the training
+    masks the eval masks, so the FLOPs loss constrains the ratio the inference engine will realise.
+    """
     if not training:
         return (logits > 0).to(logits.dtype)
     u1 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     u2 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     g1, g2 = -torch.log(-torch.log(u1)), -torch.log(-torch.log(u2))
-    soft = torch.sigmoid((logits + g1 - g2) / tau)
+    soft = torch.sigmoid((logits + noise * (g1 - g2)) / tau)
     hard = (soft > 0.5).to(logits.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly 0/1 forward, soft gradient
 
 
 class WidthRouter(nn.Module):
@@ -40,8 +44,8 @@ class WidthRouter(nn.Module):
     def logits(self, t_emb: torch.Tensor) -> torch.Tensor:
         return self.router(t_emb)
 
-    def forward(self, t_emb: torch.Tensor, tau: float = 5.0, training: bool = False) -> torch.Tensor:
-        mask = gumbel_sigmoid_ste(self.logits(t_emb).float(), tau, training)
+    def forward(self, t_emb: torch.Tensor, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
+        mask = gumbel_sigmoid_ste(self.logits(t_emb).float(), tau, training, noise)
         if self.always_on:
             mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         return mask  # (B, num_slots)
@@ -60,5 +64,5 @@ class TokenRouter(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(x).squeeze(-1)  # (B, N)
 
-    def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False) -> torch.Tensor:
-        return gumbel_sigmoid_ste(self.logits(x).float(), tau, training)
+    def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
+        return gumbel_sigmoid_ste(self.logits(x).float(), tau, training, noise)
