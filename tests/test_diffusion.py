@@ -190,3 +190,17 @@ def test_flow_sampling_timesteps():
     assert FlowMatching(2, sampler="heun").sampling_timesteps() == [0.0, 0.5, 0.5, 1.0]
     with pytest.raises(ValueError, match="unknown flow sampler"):
         FlowMatching(4, sampler="rk4")
+
+
+def test_eps_from_x0_inverts_x0_from_eps_so_clipped_ddim_steps_stay_consistent():
+    # DDIM with clip_denoised must move along the eps implied by the *clipped* x0 (as IDDPM does);
+    # mixing the raw eps with a clipped x0 produced noise-like samples from a working model.
+    from dydit.diffusion.gaussian import GaussianDiffusion
+
+    gd = GaussianDiffusion(respacing="ddim25", sampler="ddim", clip_denoised=True)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 6, 6, generator=g) * 2
+    t = torch.tensor([2, 5, 12, 24])
+    x0 = torch.rand(4, 1, 6, 6, generator=g) * 2 - 1
+    eps = gd.predict_eps_from_x0(x_t, t, x0)
+    torch.testing.assert_close(gd.predict_x0_from_eps(x_t, t, eps), x0, rtol=1e-4, atol=1e-4)

@@ -56,6 +56,10 @@ def sample_command(
     out: Optional[str] = typer.Option("samples.png", help="grid image to write ('' to skip)"),
     npz: Optional[str] = typer.Option(None, help="also write uint8 images (arr_0, N×H×W×3) and labels (arr_1)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    engine: str = typer.Option("fast", help="DyDiT checkpoints: fast (the inference engine), masked (the "
+                               "masked reference), complete (routers off: the full-width model)"),
+    fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): reuse the "
+                                            "other blocks' output while the first block's changes stay below it"),
 ):
     """Sample class-conditional images; write a grid PNG and optionally an ADM-style .npz."""
     import numpy as np
@@ -89,6 +93,16 @@ def sample_command(
 
             vae = load_vae(_resolve_vae(cfg.vae, path), device=dev)
         guided = None if guide_all_channels else 3
+        dyn = None
+        if getattr(model, "dynamic_config", None) is not None:
+            from dydit.dynamic import DynamicContext
+
+            dyn = DynamicContext(engine)
+        cache = None
+        if fbcache is not None:
+            from dydit.cache import FirstBlockCache, cached
+
+            cache = FirstBlockCache(rdt=fbcache, num_steps=num_steps)
         image_channels = 3 if vae is not None else cfg.in_channels
         if image_channels not in (1, 3):
             raise ValueError(f"{path}: a pixel-space model with {image_channels} channels and no VAE in its "
@@ -105,8 +119,14 @@ def sample_command(
 
         images = []
         for b, i in enumerate(batches):
-            x = sample(model, labels[i : i + batch_size], method=method, num_steps=num_steps, cfg_scale=cfg_scale,
-                       guided_channels=guided, seed=seed * 100_003 + b, progress=progress)
+            kwargs = dict(method=method, num_steps=num_steps, cfg_scale=cfg_scale, guided_channels=guided,
+                          seed=seed * 100_003 + b, progress=progress, dyn=dyn)
+            if cache is not None:
+                cache.start()  # a new sampling run: nothing carries over from the last batch
+                with cached(model, cache):
+                    x = sample(model, labels[i : i + batch_size], **kwargs)
+            else:
+                x = sample(model, labels[i : i + batch_size], **kwargs)
             if vae is not None:
                 x = vae.decode(x)
             images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)

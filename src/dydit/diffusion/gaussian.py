@@ -194,6 +194,11 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
         ) * eps
 
+    def predict_eps_from_x0(self, x_t, t, pred_x0):
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_x0) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+        )
+
     # ---- training ----
     def sample_t(self, batch_size: int, device, generator=None, stratified: bool = False, strata: int = 4):
         """Uniform timesteps; ``stratified`` splits the batch into ``strata`` groups covering each
@@ -259,7 +264,8 @@ class GaussianDiffusion:
         for i in progress(indices) if progress else indices:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t, self.clip_denoised)
-            eps = out["eps"]
+            # eps consistent with the (possibly clipped) x0, as IDDPM does
+            eps = self.predict_eps_from_x0(x, t, out["pred_xstart"])
             a_bar = _extract(self.alphas_cumprod, t, x.shape)
             a_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
             sigma = eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_bar_prev)

@@ -50,6 +50,10 @@ class DiTConfig:
     vae_scaling_factor: float = 0.18215
     # Clamp predicted x0 to [-1, 1] while sampling: right for pixel-space data, not for VAE latents.
     clip_denoised: bool = False
+    # Init std of the class-embedding table. DiT uses 0.02, which makes the class signal tiny next to
+    # the timestep embedding (norm ~20): fine over 400k steps, but a 2k-step CPU run then never learns to
+    # condition on the class. Small configs meant for short training use 1.0 (nn.Embedding's default).
+    class_embed_std: float = 0.02
     # Pixel-space images are padded by this many background pixels per side to fit input_size.
     pixel_pad: int = 0
     name: str = "custom"
@@ -155,7 +159,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.class_embed_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, which makes deep DiTs train stably.
@@ -269,11 +273,11 @@ CONFIGS["SiT-Tiny"] = lambda **kw: DiTConfig(
 # The embedded Fashion-MNIST model: 28x28 pixels padded to 30x30, patch 3 -> 100 tokens, 4 heads.
 CONFIGS["DiT-FMNIST"] = lambda **kw: DiTConfig(
     **{**dict(input_size=30, patch_size=3, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-              num_classes=10, pixel_pad=1, clip_denoised=True, name="DiT-FMNIST"), **kw})
+              num_classes=10, pixel_pad=1, clip_denoised=True, class_embed_std=1.0, name="DiT-FMNIST"), **kw})
 CONFIGS["SiT-FMNIST"] = lambda **kw: DiTConfig(
     **{**dict(input_size=30, patch_size=3, in_channels=1, hidden_size=128, depth=6, num_heads=4,
               num_classes=10, pixel_pad=1, objective="flow", learn_sigma=False, clip_denoised=True,
-              name="SiT-FMNIST"), **kw})
+              class_embed_std=1.0, name="SiT-FMNIST"), **kw})
 
 
 def build_config(name: str, **overrides) -> DiTConfig:
