@@ -23,6 +23,9 @@ def eval_command(
     data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
     cache_dir: Optional[str] = typer.Option(None, help="where reference statistics are cached (default ~/.cache/dydit)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    model_name: Optional[str] = typer.Option(None, help="registry name (e.g. DiT-XL/2) for official .pt files, "
+                                             "which do not record their head count"),
+    objective: Optional[str] = typer.Option(None, help="diffusion or flow, for official .pt files (SiT: flow)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ):
     """FID (FMNIST classifier) against the 10k test images and conditional accuracy (benchmark B1)."""
@@ -44,7 +47,7 @@ def eval_command(
 
             path = checkpoint or default_model_path()
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            model = dydit.load(path).to(dev)
+            model = dydit.load(path, model_name=model_name, objective=objective).to(dev)
             dyn = None
             if getattr(model, "dynamic_config", None) is not None:
                 from dydit.dynamic import DynamicContext

@@ -56,6 +56,9 @@ def sample_command(
     out: Optional[str] = typer.Option("samples.png", help="grid image to write ('' to skip)"),
     npz: Optional[str] = typer.Option(None, help="also write uint8 images (arr_0, N×H×W×3) and labels (arr_1)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    model_name: Optional[str] = typer.Option(None, help="registry name (e.g. DiT-XL/2) for official .pt files, "
+                                             "which do not record their head count"),
+    objective: Optional[str] = typer.Option(None, help="diffusion or flow, for official .pt files (SiT: flow)"),
     engine: str = typer.Option("fast", help="DyDiT checkpoints: fast (the inference engine), masked (the "
                                "masked reference), complete (routers off: the full-width model)"),
     fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): reuse the "
@@ -77,7 +80,7 @@ def sample_command(
     try:
         path = Path(checkpoint) if checkpoint else _default_checkpoint()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = dydit.load(path).to(dev).eval()
+        model = dydit.load(path, model_name=model_name, objective=objective).to(dev).eval()
         cfg = model.config
         shown = _parse_classes(classes) if classes else list(range(cfg.num_classes))
         bad = [c for c in shown if not 0 <= c < cfg.num_classes]

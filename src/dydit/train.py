@@ -270,6 +270,13 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
                 save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
+    if rank == 0:
+        summary = memory_summary(model, params, opt, device)
+        summary.update(step=step, steps=cfg.steps)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("trainable %d of %d parameters; training state %.1f MB; peak memory %.1f MB (%s)",
+                 summary["trainable_params"], summary["total_params"], summary["training_state_mb"],
+                 summary["peak_memory_mb"], summary["peak_memory_kind"])
     if rank == 0 and step == cfg.steps:
         from dydit.io.native import save
 
@@ -279,6 +286,26 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     if log_file:
         log_file.close()
     return ema
+
+
+def memory_summary(model, params, opt, device) -> dict:
+    """Trainable share and training memory: weights + gradients + optimizer state (exact bytes), and the
+    peak seen (CUDA: max allocated; CPU: the process's peak resident set, which includes the data)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in params)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.ndim > 0)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    else:
+        import resource
+
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return {"total_params": total, "trainable_params": trainable, "trainable_share": trainable / max(total, 1),
+            "training_state_mb": (weights + grads + state) / 2**20, "peak_memory_mb": peak,
+            "peak_memory_kind": kind}
 
 
 @torch.no_grad()
