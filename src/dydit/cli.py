@@ -20,7 +20,7 @@ def _root():
 def train(
     model: str = typer.Option("DiT-FMNIST", help="architecture from the registry (see `dydit models`)"),
     out: str = typer.Option("runs/fmnist", help="output folder"),
-    data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
+    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's), or an ImageNet-layout image tree (root/class/*.png; VAE models cache latents in OUT)"),
     steps: int = typer.Option(3000, help="optimizer steps"),
     batch_size: int = typer.Option(128, help="global batch size"),
     lr: float = typer.Option(3e-4, help="AdamW learning rate"),

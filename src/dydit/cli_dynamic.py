@@ -259,6 +259,40 @@ def bench_engine_cmd(
     typer.echo(md)
 
 
+@bench_app.command("compare")
+def bench_compare_cmd(
+    num_samples: int = typer.Option(5000, help="samples per row (class-balanced)"),
+    sampler: str = typer.Option("ddim", help="sampler of every row"),
+    steps: int = typer.Option(25, help="sampling steps (rows may override)"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, help="seed of the noise (same for every row)"),
+    batch_size: int = typer.Option(500, help="sampling batch size"),
+    fbcache: float = typer.Option(0.1, help="First-Block-Cache threshold of the caching rows"),
+    row: Optional[list[str]] = typer.Option(None, help="extra row name=path[,steps=N][,fbcache=R][,adapters=DIR] "
+                                            "(ablations, pruning, fine-tuned static...); repeatable"),
+    defaults: bool = typer.Option(True, help="include the rows the shipped models support"),
+    out: str = typer.Option("docs/results/b3_compare", help="output prefix (.md, .json, .png)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+):
+    """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image."""
+    import logging
+
+    import torch
+
+    from dydit.bench_compare import default_rows, parse_row, run_compare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rows = (default_rows(steps, fbcache) if defaults else []) + [parse_row(r) for r in row or []]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if not rows:
+        raise typer.BadParameter("no rows: keep --defaults or pass --row")
+    typer.echo(run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out))
+
+
 def register(app: typer.Typer):
     app.command()(finetune)
     app.command()(demo)

@@ -27,6 +27,10 @@ def eval_command(
                                              "which do not record their head count"),
     objective: Optional[str] = typer.Option(None, help="diffusion or flow, for official .pt files (SiT: flow)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): the "
+                                            "training-free caching baseline, on a static or dynamic model"),
+    adapters: Optional[str] = typer.Option(None, help="TD-LoRA / LoRA adapter folder (from `dydit finetune "
+                                           "--peft`) to apply to CHECKPOINT, its base; merged per timestep"),
 ):
     """FID (FMNIST classifier) against the 10k test images and conditional accuracy (benchmark B1)."""
     import torch
@@ -42,24 +46,12 @@ def eval_command(
             result = evaluate.evaluate_images(images, labels, data=data, cache_dir=cache_dir)
             result["source"] = str(npz)
         else:
-            import dydit
             from dydit.assets import default_model_path
 
-            path = checkpoint or default_model_path()
-            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            model = dydit.load(path, model_name=model_name, objective=objective).to(dev)
-            dyn = None
-            if getattr(model, "dynamic_config", None) is not None:
-                from dydit.dynamic import DynamicContext
-
-                dyn = DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
-            result = evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size,
-                                             dyn=dyn, data=data, cache_dir=cache_dir)
-            result.update(_compute_summary(model, dyn, steps, cfg_scale))
-            result["source"] = str(path)
-            result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-            result["threads"] = torch.get_num_threads()
-            result["batch_size"] = batch_size
+            result = evaluate_checkpoint(
+                checkpoint or default_model_path(), num_samples=num_samples, sampler=sampler, steps=steps,
+                cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, fbcache=fbcache, adapters=adapters,
+                model_name=model_name, objective=objective, data=data, cache_dir=cache_dir, device=device)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -67,6 +59,58 @@ def eval_command(
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int = 25, cfg_scale: float = 1.5,
+                        seed: int = 0, batch_size: int = 250, fbcache: float | None = None, adapters=None,
+                        model_name=None, objective=None, data=None, cache_dir=None, device=None,
+                        progress: bool = True) -> dict:
+    """B1 for one checkpoint: FID (FMNIST classifier), conditional accuracy, s/image, realised GMACs.
+
+    Dynamic checkpoints run on the fast engine; ``adapters`` applies TD-LoRA/LoRA adapters to the base
+    ``path`` (merged per timestep); ``fbcache`` stacks First-Block-Cache on either.
+    """
+    import torch
+
+    import dydit
+    from dydit import evaluate
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = dydit.load(path, model_name=model_name, objective=objective).to(dev)
+    dyn = None
+    if adapters:
+        from dydit.peft import load_adapters, td_lora_fast_context
+
+        model = load_adapters(model, adapters)
+        dyn = td_lora_fast_context(model, record_usage=True)
+    elif getattr(model, "dynamic_config", None) is not None:
+        from dydit.dynamic import DynamicContext
+
+        dyn = DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
+
+    def run():
+        return evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
+                                       data=data, cache_dir=cache_dir, progress=progress)
+
+    if fbcache is not None:
+        from dydit.cache import FirstBlockCache, cached, cached_macs
+        from dydit.dynamic.flops import flops_spec
+
+        cache = FirstBlockCache(rdt=fbcache, num_steps=steps)
+        with cached(model, cache):
+            result = run()
+        m = cached_macs(flops_spec(model), cache, dyn.usage if dyn is not None else None,
+                        2 if cfg_scale != 1.0 else 1)
+        result.update(fbcache_rdt=fbcache, block_share=cache.block_share(), flops_ratio=m["block_ratio"],
+                      gmacs_per_image=m["per_image"] / 1e9, gmacs_per_forward=m["per_forward"] / 1e9)
+    else:
+        result = run()
+        result.update(_compute_summary(model, dyn, steps, cfg_scale))
+    result["source"] = f"{path} + {adapters}" if adapters else str(path)
+    result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    result["threads"] = torch.get_num_threads()
+    result["batch_size"] = batch_size
+    return result
 
 
 def _compute_summary(model, dyn, steps: int, cfg_scale: float) -> dict:

@@ -6,6 +6,7 @@ therefore only needs model, EMA, optimizer and step to continue bit-for-bit.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ class TrainConfig:
 
     model: str = "DiT-FMNIST"  # registry name of the architecture (ignored with --init)
     out: str = "runs/fmnist"  # output folder: checkpoints, sample grids, log.jsonl
-    data: str | None = None  # folder with the Fashion-MNIST IDX files (default: Debian's)
+    data: str | None = None  # Fashion-MNIST IDX folder (default: Debian's) or an ImageFolder tree
     steps: int = 3000  # total optimizer steps
     batch_size: int = 128  # global batch size (split across processes)
     lr: float = 3e-4  # AdamW learning rate
@@ -215,9 +216,33 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         log.info("resumed from %s at step %d", ckpt_path, start_step)
 
     if dataset is None:
-        from dydit.data import FashionMNIST
+        from dydit.data import FashionMNIST, ImageFolder, LatentCache, is_image_folder
 
-        dataset = FashionMNIST("train", cfg.data, pad=model.config.pixel_pad, limit=cfg.limit_data)
+        mc = model.config
+        image_tree = is_image_folder(cfg.data)
+        if image_tree and mc.vae:
+            from dydit.vae import load_vae
+
+            # the VAE only runs once, to fill the cache; training then reads latents
+            vae = load_vae(mc.vae, device=device)
+            images = ImageFolder(cfg.data, mc.input_size * vae.downsample, channels=3, seed=cfg.seed,
+                                 limit=cfg.limit_data)
+            cache_path = out / "latents.safetensors"
+            if rank == 0:
+                dataset = LatentCache.build_or_load(images, vae, cache_path, progress=progress)
+            if world > 1:
+                dist.barrier()  # the other ranks read what rank 0 wrote
+            if rank != 0:
+                dataset = LatentCache.load(cache_path, dataset=images, vae=vae)
+            del vae
+        elif image_tree:
+            # input_size counts the background padding, as for Fashion-MNIST
+            dataset = ImageFolder(cfg.data, mc.input_size - 2 * mc.pixel_pad, pad=mc.pixel_pad,
+                                  channels=mc.in_channels, seed=cfg.seed, limit=cfg.limit_data)
+        else:
+            dataset = FashionMNIST("train", cfg.data, pad=mc.pixel_pad, limit=cfg.limit_data)
+    # FashionMNIST has no augmentation and its batch takes no step
+    batch_takes_step = "step" in inspect.signature(dataset.batch).parameters
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -236,7 +261,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
     while step < end:
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, rank, world)
-        x, y = dataset.batch(idx)
+        x, y = dataset.batch(idx, step=step) if batch_takes_step else dataset.batch(idx)
         x, y = x.to(device), y.to(device)
         gen = torch.Generator().manual_seed(step_generator(cfg.seed, step, rank))
         torch.manual_seed(step_generator(cfg.seed + 1, step, rank))  # label dropout, gumbel noise
@@ -319,4 +344,8 @@ def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 2
     method = "ddim" if model.config.objective == "diffusion" else "euler"
     dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
     x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
+    if model.config.vae:  # latents -> images
+        from dydit.vae import load_vae
+
+        x = load_vae(model.config.vae, device=x.device).decode(x)
     save_grid(x, path, nrow=min(n, 10), pad=model.config.pixel_pad)

@@ -1,0 +1,128 @@
+"""Benchmark B3: DyDiT against the alternatives on B1 (Fashion-MNIST), one table and one plot.
+
+Every row is sampled and scored the same way (sampler, steps, guidance, seed, sample count), in one
+process, one after the other; speedup is the static row's s/image over the row's s/image.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One configuration: a checkpoint plus how it is sampled."""
+
+    name: str
+    path: str
+    steps: int | None = None  # None: the benchmark's step count
+    fbcache: float | None = None
+    adapters: str | None = None
+    note: str = ""
+    result: dict = field(default_factory=dict)
+
+
+def parse_row(text: str) -> Row:
+    """``name=path[,steps=N][,fbcache=R][,adapters=DIR]`` (the CLI's --row)."""
+    if "=" not in text:
+        raise ValueError(f"--row {text!r}: expected name=path[,steps=N][,fbcache=R][,adapters=DIR]")
+    name, rest = text.split("=", 1)
+    parts = rest.split(",")
+    row = Row(name=name.strip(), path=parts[0].strip())
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        k = k.strip()
+        if k == "steps":
+            row.steps = int(v)
+        elif k == "fbcache":
+            row.fbcache = float(v)
+        elif k == "adapters":
+            row.adapters = v.strip()
+        else:
+            raise ValueError(f"--row {text!r}: unknown option {k!r} (steps, fbcache, adapters)")
+    return row
+
+
+def default_rows(steps: int, fbcache: float) -> list[Row]:
+    """The rows that the shipped models support: static, fewer steps, DyDiT, caching alone and stacked."""
+    from dydit.assets import ASSETS_DIR, default_model_path
+
+    base = str(default_model_path())
+    rows = [Row("static", base, note="full compute")]
+    for lam in ("0.7", "0.5"):
+        p = ASSETS_DIR / f"fmnist_dydit_{lam}"
+        if p.exists():
+            rows.append(Row(f"DyDiT λ={lam}", str(p), note="TDW + SDT"))
+    for frac in (0.7, 0.5):
+        n = max(1, round(steps * frac))
+        rows.append(Row(f"static, {n} steps", base, steps=n, note=f"fewer sampling steps (~{frac:.0%} compute)"))
+    rows.append(Row(f"FBCache rdt={fbcache}", base, fbcache=fbcache, note="training-free caching"))
+    p = ASSETS_DIR / "fmnist_dydit_0.5"
+    if p.exists():
+        rows.append(Row(f"DyDiT λ=0.5 + FBCache rdt={fbcache}", str(p), fbcache=fbcache, note="stacked"))
+    return rows
+
+
+def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: int, cfg_scale: float, seed: int,
+                batch_size: int, out: str, data=None, cache_dir=None) -> str:
+    from tqdm.auto import tqdm
+
+    from dydit.cli_eval import evaluate_checkpoint
+
+    for row in tqdm(rows, desc="bench compare", unit="row"):
+        row.result = evaluate_checkpoint(row.path, num_samples=num_samples, sampler=sampler,
+                                         steps=row.steps or steps, cfg_scale=cfg_scale, seed=seed,
+                                         batch_size=batch_size, fbcache=row.fbcache, adapters=row.adapters,
+                                         data=data, cache_dir=cache_dir, progress=False)
+        log.info("%s: %s", row.name, {k: row.result.get(k) for k in ("fid", "cond_acc", "s_per_image")})
+    base = rows[0].result["s_per_image"]
+    lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
+             "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        res = r.result
+        lines.append(f"| {r.name} | {res['fid']:.2f} | {100 * res['cond_acc']:.1f}% | {res['gmacs_per_image']:.2f} | "
+                     f"{res['flops_ratio']:.3f} | {1e3 * res['s_per_image']:.2f} ms | "
+                     f"{base / res['s_per_image']:.2f}× | {r.note} |")
+    first = rows[0].result
+    header = (f"Samples: {num_samples} per row, {first['sampler']} {steps} steps (unless the row says "
+              f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
+              f"{first['threads']} threads, fp32.\n\n")
+    table = header + "\n".join(lines) + "\n"
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.with_suffix(".md").write_text(table)
+    out_path.with_suffix(".json").write_text(json.dumps(
+        [{"name": r.name, "path": r.path, "steps": r.steps or steps, "fbcache": r.fbcache, "adapters": r.adapters,
+          "note": r.note, **r.result} for r in rows], indent=2) + "\n")
+    plot(rows, base, out_path.with_suffix(".png"))
+    return table
+
+
+def plot(rows: list[Row], base_s: float, path: Path) -> Path:
+    """Quality vs measured time: FID and conditional accuracy against speedup over the static model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "fid", "FID (FMNIST classifier) ↓"),
+                           (axes[1], "cond_acc", "conditional accuracy ↑")):
+        for r in rows:
+            x = base_s / r.result["s_per_image"]
+            y = r.result[key] * (100 if key == "cond_acc" else 1)
+            marker = "o" if "DyDiT" in r.name else ("s" if "FBCache" in r.name else "^")
+            ax.scatter([x], [y], marker=marker, s=45)
+            ax.annotate(r.name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("measured speedup over static (s/image ratio)")
+        ax.set_ylabel(label + (" (%)" if key == "cond_acc" else ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle("B3: quality vs measured sampling time (Fashion-MNIST)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
