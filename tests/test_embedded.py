@@ -30,7 +30,7 @@ def _class_accuracy(model, dyn=None, n_per_class: int = 3) -> float:
 def test_embedded_model_is_small_documented_and_samples_its_classes():
     path = default_model_path()
     assert (path / "model.safetensors").stat().st_size < 10_000_000
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = json.loads((path / "config.json").read_text())["model"]
     assert cfg["num_heads"] >= 4 and (cfg["input_size"] // cfg["patch_size"]) ** 2 >= 100
     model = dydit.load(path)
     assert getattr(model, "dynamic_config", None) is None
