@@ -73,12 +73,18 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
 
     from dydit.cli_eval import evaluate_checkpoint
 
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_suffix(".rows.jsonl")  # one line per finished row: an interrupted run keeps its rows
+    partial.write_text("")
     for row in tqdm(rows, desc="bench compare", unit="row"):
         row.result = evaluate_checkpoint(row.path, num_samples=num_samples, sampler=sampler,
                                          steps=row.steps or steps, cfg_scale=cfg_scale, seed=seed,
                                          batch_size=batch_size, fbcache=row.fbcache, adapters=row.adapters,
                                          data=data, cache_dir=cache_dir, progress=False)
         log.info("%s: %s", row.name, {k: row.result.get(k) for k in ("fid", "cond_acc", "s_per_image")})
+        with partial.open("a") as f:
+            f.write(json.dumps({"name": row.name, "note": row.note, **row.result}) + "\n")
     base = rows[0].result["s_per_image"]
     lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
              "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
@@ -92,8 +98,6 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
               f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
               f"{first['threads']} threads, fp32.\n\n")
     table = header + "\n".join(lines) + "\n"
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".md").write_text(table)
     out_path.with_suffix(".json").write_text(json.dumps(
         [{"name": r.name, "path": r.path, "steps": r.steps or steps, "fbcache": r.fbcache, "adapters": r.adapters,

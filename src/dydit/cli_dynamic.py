@@ -250,9 +250,14 @@ def bench_engine_cmd(
     for m, t, s, b in tqdm(combos, desc="bench engine"):
         results.append(bench_engine(m, t, s, timed_steps, b, repeats, dtype, device))
         typer.echo(results_table(results[-1:]).splitlines()[-1])
+    from datetime import date
+
+    from dydit.cli_eval import _cpu_name
+
     machine = (torch.cuda.get_device_name() if device.startswith("cuda") else
-               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    md = f"Machine: {machine}; torch {torch.__version__}; dtype {dtype}\n\n" + results_table(results)
+               f"{_cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads")
+    md = (f"Machine: {machine}; torch {torch.__version__}; dtype {dtype}; {date.today().isoformat()}\n\n"
+          + results_table(results))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".md").write_text(md)
     Path(out + ".json").write_text(json.dumps(result_dicts(results), indent=2))
