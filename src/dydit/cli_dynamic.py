@@ -96,11 +96,27 @@ def finetune(
 
         task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
     ema = train(tc, model=model, task=task)
+    _live_routers_into(ema, model)
+    if lora_cfg is None and (Path(out) / "ema").exists():
+        dydit.save(ema, Path(out) / "ema")
     if lora_cfg is not None:
         save_adapters(ema, Path(out) / "adapters", base_reordered=reorder)
         typer.echo(f"adapters + routers: {Path(out) / 'adapters'} (apply to {init} with dydit.peft.load_adapters)")
         return
     typer.echo(f"DyDiT EMA weights: {Path(out) / 'ema'}")
+
+
+def _live_routers_into(ema, model):
+    """Routers are thresholded: an EMA of fast-moving router logits shifts every threshold (the λ=0.5
+    Fashion-MNIST fine-tune realised 0.60 with EMA routers, 0.48 with the live ones), so the EMA model
+    takes the backbone's average but the live routers."""
+    import torch
+
+    live = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in ema.named_parameters():
+            if any(k in name for k in ("attn_rate.", "mlp_rate.", "token_selection.")) and name in live:
+                p.copy_(live[name].detach().to(p.device))
 
 
 def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
