@@ -214,3 +214,23 @@ def test_gumbel_noise_zero_gives_the_eval_masks_and_the_anneal_reaches_zero():
     assert all(a >= b for a, b in zip(scales, scales[1:]))
     task.cfg = FinetuneConfig(total_steps=None)
     assert task.noise_at(50) == 1.0
+
+
+def test_finetune_cli_writes_live_routers_and_averaged_backbone(tmp_path):
+    # thresholded routers must not be EMA-averaged: that shifted the realised FLOPs ratio by 0.1
+    from typer.testing import CliRunner
+
+    import dydit
+    from dydit.assets import default_model_path
+    from dydit.cli import app
+
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(app, ["finetune", str(default_model_path()), "--out", str(out), "--steps", "3",
+                                   "--batch-size", "8", "--limit-data", "64", "--ramp-steps", "1",
+                                   "--warmup-steps", "1", "--ckpt-every", "3"])
+    assert res.exit_code == 0, res.output
+    ema = dydit.load(out / "ema").state_dict()
+    live = dydit.load(out / "checkpoint.pt", which="model").state_dict()
+    routers = [k for k in ema if "attn_rate" in k or "mlp_rate" in k or "token_selection" in k]
+    assert routers and all(torch.equal(ema[k], live[k]) for k in routers)
+    assert not torch.equal(ema["blocks.0.mlp.fc1.weight"], live["blocks.0.mlp.fc1.weight"])
