@@ -8,18 +8,13 @@ from dydit.dynamic import DynamicContext, dynamize, flops_spec
 from dydit.dynamic.report import summarize
 from dydit.models.dit import build_model
 from dydit.sampling import sample
+from helpers import randomize as shared_randomize
 
 torch.set_num_threads(1)
 
 
 def randomize(model, seed=0, scale=0.3):
-    """Random weights everywhere but pos_embed, so adaLN-Zero blocks are not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    return shared_randomize(model, seed, scale).eval()
 
 
 def tiny(depth=3, seed=0):

@@ -8,32 +8,7 @@ from dydit.dynamic import DynamicConfig, DynamicContext, dynamize, flops_spec, r
 from dydit.dynamic.flops import dynamic_ratio
 from dydit.models.dit import build_model
 from dydit.sampling import sample
-
-
-def randomize(model, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "pos_embed":
-                continue
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def scramble_routers(model, seed=1):
-    """Router weights that switch heads, groups and tokens on and off across timesteps and blocks."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.blocks:
-            for r in (block.attn_rate, block.mlp_rate):
-                if r is not None:
-                    r.router.weight.copy_(torch.randn(r.router.weight.shape, generator=g))
-                    r.router.bias.copy_(torch.randn(r.router.bias.shape, generator=g))
-            if block.token_selection is not None:
-                for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
-                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
-    return model
+from helpers import randomize, scramble_routers
 
 
 def rel_err(a, b):

@@ -10,6 +10,7 @@ import dydit
 from dydit.cli import app
 from dydit.models.dit import build_model
 from dydit.sampling import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, guided_model_fn, make_process, sample
+from helpers import randomize as shared_randomize
 
 torch.set_num_threads(1)
 
@@ -17,13 +18,7 @@ ALL = [("DiT-Tiny", m) for m in DIFFUSION_SAMPLERS] + [("SiT-Tiny", m) for m in 
 
 
 def randomize(model, seed=0, scale=0.1):
-    """Random weights everywhere but pos_embed, so the adaLN-Zero output is not identically zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    return shared_randomize(model, seed, scale).eval()
 
 
 def tiny(name, **kw):
