@@ -21,6 +21,10 @@ def scramble_routers(model, seed=1):
                 if r is not None:
                     r.router.weight.copy_(torch.randn(r.router.weight.shape, generator=g))
                     r.router.bias.copy_(torch.randn(r.router.bias.shape, generator=g))
+            gate = getattr(block, "block_gate", None)
+            if gate is not None:  # a timestep gate that skips the block for part of the trajectory
+                gate.router.weight.copy_(torch.randn(gate.router.weight.shape, generator=g))
+                gate.router.bias.copy_(torch.randn(gate.router.bias.shape, generator=g) * 0.1)
             if block.token_selection is not None:
                 for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))

@@ -29,3 +29,43 @@ def test_engine_bench_plans_realise_the_requested_flops_ratio():
         r = bench_engine("DiT-S/8", target, schedule_steps=50, timed_steps=3, batch=1, repeats=1)
         assert abs(r.realised_ratio - target) < 0.03, (target, r.realised_ratio)
         assert r.ideal_speedup > 1.0 and r.static_gmacs > r.dynamic_gmacs
+
+
+def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import dydit.cli_eval
+    from dydit.assets import default_model_path
+    from dydit.bench_compare import run_compare
+
+    base = tmp_path / "base"
+    shutil.copytree(default_model_path(), base)
+    calls = []
+
+    def fake_eval(path, **kw):  # the quality pass itself is covered by test_eval; here: which rows run
+        calls.append((str(path), kw["steps"], kw["fbcache"]))
+        return {"fid": 10.0 + len(calls), "cond_acc": 0.9, "s_per_image": 1.0, "flops_ratio": 1.0,
+                "gmacs_per_image": 1.0, "sampler": "ddim", "device": "cpu", "threads": 1}
+
+    monkeypatch.setattr(dydit.cli_eval, "evaluate_checkpoint", fake_eval)
+    rows = lambda: [Row("static", str(base)), Row("fewer steps", str(base), steps=3),  # noqa: E731
+                    Row("cache", str(base), fbcache=0.1)]
+    args = dict(num_samples=4, sampler="ddim", steps=2, cfg_scale=4.0, seed=0, batch_size=3,
+                out=str(tmp_path / "b3"), timing_repeats=1)
+    first = rows()
+    run_compare(first, **args)
+    assert len(calls) == 3
+    # the timing pass measured real sampling, not the fake's quality-pass time
+    assert all(r.result["s_per_image"] != 1.0 and r.result["s_per_image_quality_pass"] == 1.0 for r in first)
+    table = json.loads((tmp_path / "b3.json").read_text())
+    assert [r["name"] for r in table] == ["static", "fewer steps", "cache"]
+
+    again = rows()
+    run_compare(again, **args, resume=True)
+    assert len(calls) == 3 and [r.result["fid"] for r in again] == [11.0, 12.0, 13.0]
+    # new weights invalidate the kept rows; other settings do too
+    (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setattr(dydit.cli_eval, "evaluate_checkpoint", fake_eval)
+    run_compare(rows(), **{**args, "timing_repeats": 0}, resume=True)
+    assert len(calls) == 6

@@ -1,12 +1,20 @@
 """Benchmark B3: DyDiT against the alternatives on B1 (Fashion-MNIST), one table and one plot.
 
-Every row is sampled and scored the same way (sampler, steps, guidance, seed, sample count), in one
-process, one after the other; speedup is the static row's s/image over the row's s/image.
+Every row is sampled and scored the same way (sampler, steps, guidance, seed, sample count). Quality
+and time are measured in separate passes: the quality pass samples and scores every row once (its
+results are kept per row in ``OUT.rows.jsonl``, keyed by the row, its settings and a hash of its
+weights, so ``--resume`` skips rows already scored); the timing pass then samples one batch per row,
+rows interleaved round-robin for ``timing_repeats`` rounds after one warm-up round, and takes each
+row's median, as B2 does, so machine drift hits every row alike. Speedup is the static (first) row's
+s/image over the row's s/image.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,24 +75,59 @@ def default_rows(steps: int, fbcache: float) -> list[Row]:
     return rows
 
 
+def row_key(row: Row, settings: dict) -> str:
+    """What a row's quality result depends on: its options, the benchmark settings, its weights."""
+    digest = hashlib.sha256()
+    for folder in (row.path, row.adapters):
+        if not folder:
+            continue
+        folder = Path(folder)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")) if folder.is_dir() else [folder]
+        for f in files:
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+    return json.dumps({"path": row.path, "steps": row.steps, "fbcache": row.fbcache, "adapters": row.adapters,
+                       "weights": digest.hexdigest()[:16], **settings}, sort_keys=True)
+
+
 def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: int, cfg_scale: float, seed: int,
-                batch_size: int, out: str, data=None, cache_dir=None) -> str:
+                batch_size: int, out: str, data=None, cache_dir=None, resume: bool = False,
+                timing_repeats: int = 3) -> str:
     from tqdm.auto import tqdm
 
     from dydit.cli_eval import evaluate_checkpoint
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_suffix(".rows.jsonl")  # one line per finished row: an interrupted run keeps its rows
-    partial.write_text("")
-    for row in tqdm(rows, desc="bench compare", unit="row"):
+    partial = out_path.with_suffix(".rows.jsonl")  # one line per scored row: an interrupted run keeps its rows
+    settings = {"num_samples": num_samples, "sampler": sampler, "default_steps": steps, "cfg_scale": cfg_scale,
+                "seed": seed, "batch_size": batch_size}
+    done = {}
+    if resume and partial.exists():
+        for line in partial.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec.get("key")] = rec
+    elif partial.exists():
+        partial.write_text("")
+    for row in tqdm(rows, desc="bench compare: quality", unit="row"):
+        key = row_key(row, settings)
+        if key in done:
+            row.result = {k: v for k, v in done[key].items() if k not in ("key", "name", "note")}
+            log.info("%s: kept from %s", row.name, partial)
+            continue
         row.result = evaluate_checkpoint(row.path, num_samples=num_samples, sampler=sampler,
                                          steps=row.steps or steps, cfg_scale=cfg_scale, seed=seed,
                                          batch_size=batch_size, fbcache=row.fbcache, adapters=row.adapters,
                                          data=data, cache_dir=cache_dir, progress=False)
         log.info("%s: %s", row.name, {k: row.result.get(k) for k in ("fid", "cond_acc", "s_per_image")})
         with partial.open("a") as f:
-            f.write(json.dumps({"name": row.name, "note": row.note, **row.result}) + "\n")
+            f.write(json.dumps({"key": key, "name": row.name, "note": row.note, **row.result}) + "\n")
+    if timing_repeats > 0:
+        timings = time_rows(rows, sampler, steps, cfg_scale, seed, batch_size, timing_repeats)
+        for row, t in zip(rows, timings):
+            row.result["s_per_image_quality_pass"] = row.result["s_per_image"]
+            row.result["s_per_image"] = t
     base = rows[0].result["s_per_image"]
     lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
              "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
@@ -96,7 +139,8 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
     first = rows[0].result
     header = (f"Samples: {num_samples} per row, {first['sampler']} {steps} steps (unless the row says "
               f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
-              f"{first['threads']} threads, fp32.\n\n")
+              f"{first['threads']} threads, fp32. s/image: median of {timing_repeats} interleaved timing rounds of "
+              f"one {batch_size}-image batch per row (quality pass times in the .json).\n\n")
     table = header + "\n".join(lines) + "\n"
     out_path.with_suffix(".md").write_text(table)
     out_path.with_suffix(".json").write_text(json.dumps(
@@ -104,6 +148,42 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
           "note": r.note, **r.result} for r in rows], indent=2) + "\n")
     plot(rows, base, out_path.with_suffix(".png"))
     return table
+
+
+def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float, seed: int, batch_size: int,
+              repeats: int = 3) -> list[float]:
+    """Median s/image of one ``batch_size`` sampling call per row, rows interleaved round-robin."""
+    import torch
+
+    from dydit.cli_eval import prepare_sampling
+    from dydit.evaluate import default_sampler
+    from dydit.sampling import sample
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    runners = []
+    for row in rows:
+        model, make_dyn, wrap = prepare_sampling(row.path, fbcache=row.fbcache, adapters=row.adapters,
+                                                 steps=row.steps or steps, device=dev)
+        labels = torch.arange(batch_size, device=dev) % model.config.num_classes
+        dyn = make_dyn()  # one context per row, reused like the quality pass reuses it across batches
+        method = sampler or default_sampler(model)
+
+        def run(model=model, dyn=dyn, wrap=wrap, labels=labels, n=row.steps or steps, method=method):
+            with torch.no_grad(), wrap():
+                sample(model, labels, method, n, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
+        runners.append(run)
+    times = [[] for _ in rows]
+    for rnd in range(repeats + 1):  # round 0 warms up (plans, sliced weights, allocator)
+        for i, run in enumerate(runners):
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            if rnd > 0:
+                times[i].append((time.perf_counter() - t0) / batch_size)
+        log.info("timing round %d of %d done", rnd, repeats)
+    return [statistics.median(t) for t in times]
 
 
 def plot(rows: list[Row], base_s: float, path: Path) -> Path:

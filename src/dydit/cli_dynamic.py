@@ -27,6 +27,8 @@ def finetune(
     tau: float = typer.Option(5.0, help="gumbel-sigmoid temperature"),
     width: bool = typer.Option(True, help="TDW: dynamic heads and MLP groups"),
     tokens: bool = typer.Option(True, help="SDT: dynamic tokens through the MLP"),
+    block_skip: bool = typer.Option(False, help="ablation: a timestep gate per block that skips the whole block "
+                                    "(use with --no-width --no-tokens for the block-skip baseline)"),
     reorder: bool = typer.Option(True, help="rank heads/channels by magnitude first"),
     width_bias_init: float = typer.Option(2.0, help="initial width-router bias (>0: all on, the static function; "
                                           "the authors' 15 suits their long fine-tunes)"),
@@ -45,6 +47,18 @@ def finetune(
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    prune_static: bool = typer.Option(False, help="baseline instead of DyDiT: magnitude-prune every block to the "
+                                      "same width at every timestep (FLOPs ≈ λ), then fine-tune it the same way"),
+    calibrate: bool = typer.Option(True, help="after training, shift the router thresholds of the output until "
+                                   "the realised inference FLOPs ratio is within 0.005 of λ (dydit calibrate)"),
+    feedback_every: int = typer.Option(25, help="after the λ ramp, every N steps: sample a few images on the fast "
+                                       "engine and correct the FLOPs target by (inference − training) ratio; 0: off"),
+    feedback_images: int = typer.Option(16, help="images per feedback measurement"),
+    calib_sampler: Optional[str] = typer.Option(None, help="sampler of the feedback and calibration runs (the one "
+                                                "you will serve; default ddim, or euler for flow models)"),
+    calib_steps: int = typer.Option(20, help="sampling steps of the feedback and calibration runs"),
+    calib_cfg: float = typer.Option(4.0, help="guidance scale of the feedback and calibration runs"),
+    calib_images: int = typer.Option(64, help="images sampled per calibration measurement"),
     peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
                              "timestep-mixed LoRA experts train; lora: the same with one expert"),
     lora_rank: Optional[int] = typer.Option(None, help=TDLoRAConfig.help("r")),
@@ -58,7 +72,7 @@ def finetune(
     import dydit
     from dydit.dynamic import DynamicConfig, dynamize
     from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
-    from dydit.train import TrainConfig, train
+    from dydit.train import TrainConfig, dist_info, train
 
     if not 0.0 < target <= 1.0:
         raise typer.BadParameter(f"--target must be in (0, 1], got {target}; it is a share of the static FLOPs")
@@ -67,9 +81,22 @@ def finetune(
     model = dydit.load(init)
     if getattr(model, "dynamic_config", None) is not None:
         raise typer.BadParameter(f"{init} is already a dynamic model; pass its static base")
-    dyn_cfg = DynamicConfig(width=width, tokens=tokens, tau=tau, width_bias_init=width_bias_init,
-                            token_bias_init=token_bias_init)
-    model = dynamize(model, dyn_cfg, reorder=reorder)
+    if prune_static:
+        from dydit.dynamic.prune import static_width_prune
+
+        if peft != "none":
+            raise typer.BadParameter("--prune-static fine-tunes all weights; drop --peft")
+        model, info = static_width_prune(model, target, reorder=reorder)
+        typer.echo(f"static pruning: {info['heads_kept']} heads and {info['groups_kept']} MLP groups kept per block "
+                   f"(FLOPs ratio {info['flops_ratio']:.3f}); no complete-model warm-up, no FLOPs loss")
+        args.update(warmup_steps=0, flops_weight=0.0, ramp_steps=0, feedback_every=0)
+        calibrate = False
+    else:
+        if not (width or tokens or block_skip):
+            raise typer.BadParameter("nothing to route: keep --width or --tokens, or add --block-skip")
+        dyn_cfg = DynamicConfig(width=width, tokens=tokens, block_skip=block_skip, tau=tau,
+                                width_bias_init=width_bias_init, token_bias_init=token_bias_init)
+        model = dynamize(model, dyn_cfg, reorder=reorder)
     lora_cfg = None
     if peft != "none":
         from dydit.peft import apply_td_lora, trainable_report
@@ -81,22 +108,42 @@ def finetune(
         n, total, share = trainable_report(model)
         typer.echo(f"{peft}: {n:,} trainable parameters ({100 * share:.2f}% of the {total:,}-parameter backbone)")
     ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args},
-                        total_steps=steps)
+                        total_steps=steps, feedback_sampler=calib_sampler, feedback_steps=calib_steps,
+                        feedback_cfg=calib_cfg)
     # --warmup-steps is the complete-model warm-up (FinetuneConfig), not the LR warm-up of TrainConfig
     own = {f.name: args[f.name] for f in fields(TrainConfig)
            if f.name in args and f.name not in ("init", "warmup_steps")}
     tc = TrainConfig(**own, warmup_steps=0, extra={"finetune": ft.to_dict(), "init": init})
     Path(out).mkdir(parents=True, exist_ok=True)
     peft_info = {"peft": peft, "td_lora": lora_cfg.to_dict()} if lora_cfg is not None else {}
-    summary = {"finetune": ft.to_dict(), "init": init, **peft_info}
+    summary = {"finetune": ft.to_dict(), "init": init, **peft_info, **({"prune_static": info} if prune_static else {})}
     (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
     task = FinetuneTask(model, ft)
     if lora_cfg is not None:
         from dydit.peft import save_adapters, td_lora_fast_context
 
         task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
+        task.feedback_context = td_lora_fast_context
     ema = train(tc, model=model, task=task)
     _live_routers_into(ema, model)
+    finished = (Path(out) / "ema").exists() and dist_info()[0] == 0  # train() writes ema/ at the last step
+    if calibrate and target < 1.0 and finished:
+        from dydit.dynamic.calibrate import calibrate as run_calibration
+
+        factory = None
+        if lora_cfg is not None:
+            from dydit.peft import td_lora_fast_context as factory
+        ema.eval()
+        sampler = calib_sampler or ("ddim" if ema.config.objective == "diffusion" else "euler")
+        try:
+            result = run_calibration(ema, target, sampler, calib_steps, calib_cfg, calib_images,
+                                     context_factory=factory, log=typer.echo)
+        except ValueError as e:  # keep the trained model; say why it is not calibrated
+            typer.echo(f"calibration skipped: {e}", err=True)
+        else:
+            summary["calibration"] = result.to_dict()
+            (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
+            _report_calibration(result)
     if lora_cfg is None and (Path(out) / "ema").exists():
         dydit.save(ema, Path(out) / "ema")
     if lora_cfg is not None:
@@ -106,7 +153,59 @@ def finetune(
     typer.echo(f"DyDiT EMA weights: {Path(out) / 'ema'}")
 
 
+def _report_calibration(result):
+    typer.echo(f"calibrated: realised FLOPs ratio {result.ratio_before:.3f} -> {result.ratio_after:.3f} "
+               f"(λ={result.target}, {result.knob} thresholds shifted by {result.shift:+.3f}, "
+               f"{result.sampler} {result.steps} steps, CFG {result.cfg_scale})")
+    if abs(result.ratio_after - result.target) > 0.02:
+        typer.echo(f"warning: the closest realisable ratio is {result.ratio_after:.3f}, not λ={result.target}: the "
+                   f"routers switch many tokens at once (near-constant logits); fine-tune longer", err=True)
+
+
+def calibrate(
+    checkpoint: str = typer.Argument(..., help="a dynamic (DyDiT) checkpoint folder"),
+    target: float = typer.Option(..., help="λ: the FLOPs ratio the model should realise at inference"),
+    out: str = typer.Option(..., help="folder for the calibrated checkpoint (the input is left as it is)"),
+    adapters: Optional[str] = typer.Option(None, help="TD-LoRA / LoRA adapter folder on CHECKPOINT; the "
+                                           "calibrated adapters (routers included) are written to OUT"),
+    sampler: str = typer.Option("ddim", help="sampler you will run (its timesteps and trajectory matter)"),
+    steps: int = typer.Option(20, help="sampling steps"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    num_images: int = typer.Option(64, help="images sampled per measurement"),
+    tol: float = typer.Option(0.005, help="stop when |realised − λ| ≤ tol"),
+    knob: Optional[str] = typer.Option(None, help="tokens or width (default: tokens when the model has them)"),
+    seed: int = typer.Option(0, help="seed of the calibration noise"),
+):
+    """Shift a DyDiT's router thresholds so that it realises λ on your sampler (run by finetune already)."""
+    import dydit
+    from dydit.dynamic.calibrate import calibrate as run_calibration
+
+    model = dydit.load(checkpoint)
+    factory = None
+    if adapters:
+        from dydit.peft.td_lora import load_adapters, read_adapter_config, save_adapters
+        from dydit.peft import td_lora_fast_context as factory
+
+        model = load_adapters(model, adapters)
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
+    try:
+        result = run_calibration(model, target, sampler, steps, cfg_scale, num_images, tol=tol, seed=seed,
+                                 knob=knob, context_factory=factory, log=typer.echo)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _report_calibration(result)
+    if adapters:
+        save_adapters(model, Path(out), base_reordered=read_adapter_config(adapters)["base_reordered"])
+    else:
+        dydit.save(model, Path(out))
+    (Path(out) / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    typer.echo(f"calibrated checkpoint: {out}")
+
+
 def _live_routers_into(ema, model):
+    from dydit.dynamic.convert import _is_router_name
+
     """Routers are thresholded: an EMA of fast-moving router logits shifts every threshold (the λ=0.5
     Fashion-MNIST fine-tune realised 0.60 with EMA routers, 0.48 with the live ones), so the EMA model
     takes the backbone's average but the live routers."""
@@ -115,7 +214,7 @@ def _live_routers_into(ema, model):
     live = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in ema.named_parameters():
-            if any(k in name for k in ("attn_rate.", "mlp_rate.", "token_selection.")) and name in live:
+            if _is_router_name(name) and name in live:
                 p.copy_(live[name].detach().to(p.device))
 
 
@@ -294,6 +393,9 @@ def bench_compare_cmd(
     defaults: bool = typer.Option(True, help="include the rows the shipped models support"),
     out: str = typer.Option("docs/results/b3_compare", help="output prefix (.md, .json, .png)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    resume: bool = typer.Option(False, help="keep the rows OUT.rows.jsonl already scored with the same "
+                                "settings and weights; score only the others (timing always reruns)"),
+    timing_repeats: int = typer.Option(3, help="interleaved timing rounds (median); 0: time the quality pass"),
 ):
     """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image."""
     import logging
@@ -311,11 +413,13 @@ def bench_compare_cmd(
         raise typer.BadParameter(str(e)) from None
     if not rows:
         raise typer.BadParameter("no rows: keep --defaults or pass --row")
-    typer.echo(run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out))
+    typer.echo(run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out, resume=resume,
+                           timing_repeats=timing_repeats))
 
 
 def register(app: typer.Typer):
     app.command()(finetune)
+    app.command()(calibrate)
     app.command()(demo)
     app.command()(plan)
     app.add_typer(bench_app, name="bench")

@@ -72,45 +72,66 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
     """
     import torch
 
-    import dydit
     from dydit import evaluate
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = dydit.load(path, model_name=model_name, objective=objective).to(dev)
-    dyn = None
-    if adapters:
-        from dydit.peft import load_adapters, td_lora_fast_context
-
-        model = load_adapters(model, adapters)
-        dyn = td_lora_fast_context(model, record_usage=True)
-    elif getattr(model, "dynamic_config", None) is not None:
-        from dydit.dynamic import DynamicContext
-
-        dyn = DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
-
-    def run():
-        return evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
-                                       data=data, cache_dir=cache_dir, progress=progress)
-
-    if fbcache is not None:
-        from dydit.cache import FirstBlockCache, cached, cached_macs
+    model, make_dyn, wrap = prepare_sampling(path, fbcache=fbcache, adapters=adapters, steps=steps,
+                                             model_name=model_name, objective=objective, device=dev)
+    dyn = make_dyn()
+    with wrap() as cache:
+        result = evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
+                                         data=data, cache_dir=cache_dir, progress=progress)
+    if cache is not None:
+        from dydit.cache import cached_macs
         from dydit.dynamic.flops import flops_spec
 
-        cache = FirstBlockCache(rdt=fbcache, num_steps=steps)
-        with cached(model, cache):
-            result = run()
         m = cached_macs(flops_spec(model), cache, dyn.usage if dyn is not None else None,
                         2 if cfg_scale != 1.0 else 1)
         result.update(fbcache_rdt=fbcache, block_share=cache.block_share(), flops_ratio=m["block_ratio"],
                       gmacs_per_image=m["per_image"] / 1e9, gmacs_per_forward=m["per_forward"] / 1e9)
     else:
-        result = run()
         result.update(_compute_summary(model, dyn, steps, cfg_scale))
     result["source"] = f"{path} + {adapters}" if adapters else str(path)
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     result["threads"] = torch.get_num_threads()
     result["batch_size"] = batch_size
     return result
+
+
+def prepare_sampling(path, fbcache: float | None = None, adapters=None, steps: int = 25, model_name=None,
+                     objective=None, device=None):
+    """Loads a row of B1/B3 for sampling: ``(model, make_dyn, wrap)``.
+
+    ``make_dyn()`` gives the DynamicContext to sample with (the fast engine for dynamic checkpoints, with
+    TD-LoRA/LoRA ``adapters`` merged per timestep; None for static ones); ``wrap()`` is a context manager
+    that yields the First-Block-Cache in use (``fbcache``), or None.
+    """
+    import contextlib
+
+    import dydit
+
+    model = dydit.load(path, model_name=model_name, objective=objective).to(device or "cpu")
+    if adapters:
+        from dydit.peft import load_adapters, td_lora_fast_context
+
+        model = load_adapters(model, adapters)
+
+        def make_dyn():
+            return td_lora_fast_context(model, record_usage=True)
+    elif getattr(model, "dynamic_config", None) is not None:
+        from dydit.dynamic import DynamicContext
+
+        def make_dyn():
+            return DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
+    else:
+        def make_dyn():
+            return None
+
+    if fbcache is None:
+        return model, make_dyn, lambda: contextlib.nullcontext(None)
+    from dydit.cache import FirstBlockCache, cached
+
+    return model, make_dyn, lambda: cached(model, FirstBlockCache(rdt=fbcache, num_steps=steps))
 
 
 def _compute_summary(model, dyn, steps: int, cfg_scale: float) -> dict:

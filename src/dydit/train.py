@@ -212,6 +212,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        if hasattr(task, "load_state_dict") and "task" in ckpt:
+            task.load_state_dict(ckpt["task"])
         start_step = int(ckpt["step"])
         log.info("resumed from %s at step %d", ckpt_path, start_step)
 
@@ -279,6 +281,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
             opt.step()
             update_ema(ema, model, cfg.ema_decay)
         step += 1
+        if hasattr(task, "after_step"):  # e.g. the fine-tune's inference-ratio feedback
+            task.after_step(step, model, ema, logs)
         imgs_since += cfg.batch_size
         logs.update(step=step, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], skipped=bool(skipped))
         if rank == 0:
@@ -292,7 +296,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg)
+                extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
+                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg, extra=extra)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
     if rank == 0:

@@ -10,6 +10,7 @@ class DynamicConfig:
 
     width: bool = True  # TDW: timestep-wise dynamic heads and MLP channel groups
     tokens: bool = True  # SDT: spatial-wise dynamic tokens through the MLP
+    block_skip: bool = False  # ablation: one timestep gate per block that runs or skips the whole block
     always_on: bool = True  # head 0 / group 0 always run (router has H-1 outputs); False: legacy H-wide routers
     width_bias_init: float = 15.0  # starts every head/group on: the converted model is the static function
     token_bias_init: float = 35.0

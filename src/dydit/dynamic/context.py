@@ -58,7 +58,7 @@ class DynamicContext:
     def active(self, block) -> bool:
         if self.mode == "complete":
             return False
-        return getattr(block, "attn_rate", None) is not None or getattr(block, "token_selection", None) is not None
+        return getattr(block, "is_dynamic", False) is True
 
     def begin_forward(self, model, t: torch.Tensor, t_emb: torch.Tensor):
         self.records = []

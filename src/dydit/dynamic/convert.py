@@ -32,6 +32,8 @@ def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
         if config.width:
             block.attn_rate = WidthRouter(D, H, config.always_on, config.width_bias_init).to(dev)
             block.mlp_rate = WidthRouter(D, H, config.always_on, config.width_bias_init).to(dev)
+        if config.block_skip:
+            block.block_gate = WidthRouter(D, 1, always_on=False, bias_init=config.width_bias_init).to(dev)
         if config.tokens:
             block.token_selection = TokenRouter(D, config.token_hidden_ratio, config.token_bias_init).to(dev)
     model.dynamic_config = config
@@ -43,7 +45,10 @@ def router_parameters(model):
 
 
 def _is_router_name(name: str) -> bool:
-    return any(k in name for k in ("attn_rate.", "mlp_rate.", "token_selection."))
+    return any(k in name for k in ROUTER_NAMES)
+
+
+ROUTER_NAMES = ("attn_rate.", "mlp_rate.", "token_selection.", "block_gate.")
 
 
 @torch.no_grad()

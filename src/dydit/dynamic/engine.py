@@ -14,13 +14,18 @@ from dydit.models.layers import modulate
 
 def dynamic_block_forward(block, x, c, t_emb, dyn):
     """x: (B, N, D) tokens; c: (B, D) conditioning; t_emb: (B, D) router input."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
     i = dyn.next_block()
     cfg = dyn.dynamic_config
     width = cfg.width and block.attn_rate is not None
     tokens = cfg.tokens and block.token_selection is not None
-    h = modulate(block.norm1(x), shift_msa, scale_msa)
+    gated = block.block_gate is not None
     H = block.attn.num_heads
+    if dyn.mode == "fast" and gated and len(dyn.step_width[i].heads) == 0:  # block skipped at this step
+        if dyn.record_usage:
+            dyn.record_fast(i, 0, 0, 0)
+        return x
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    h = modulate(block.norm1(x), shift_msa, scale_msa)
 
     if dyn.mode == "fast":
         bw = dyn.step_width[i]
@@ -54,10 +59,12 @@ def dynamic_block_forward(block, x, c, t_emb, dyn):
 
     training = dyn.mode == "train"
     head_mask = block.attn_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
+    run = block.block_gate(t_emb, dyn.tau, training, dyn.noise) if gated else None  # (B, 1)
     heads = block.attn.heads(h)
     if head_mask is not None:
         heads = masked_heads(heads, head_mask, H)
-    x = x + gate_msa.unsqueeze(1) * block.attn.proj(heads)
+    attn_update = gate_msa.unsqueeze(1) * block.attn.proj(heads)
+    x = x + (attn_update * run.unsqueeze(-1).to(attn_update.dtype) if run is not None else attn_update)
     token_mask = block.token_selection(x, dyn.tau, training, dyn.noise) if tokens else None
     group_mask = block.mlp_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
     hm = modulate(block.norm2(x), shift_mlp, scale_mlp)
@@ -65,5 +72,10 @@ def dynamic_block_forward(block, x, c, t_emb, dyn):
     update = gate_mlp.unsqueeze(1) * mlp_out
     if token_mask is not None:
         update = update * token_mask.unsqueeze(-1).to(update.dtype)
+    if run is not None:  # the FLOPs accounting sees a skipped block as zero heads and zero groups
+        update = update * run.unsqueeze(-1).to(update.dtype)
+        ones = torch.ones(len(run), H, device=run.device, dtype=run.dtype)
+        head_mask = (head_mask if head_mask is not None else ones) * run
+        group_mask = (group_mask if group_mask is not None else ones) * run
     dyn.record(head_mask, group_mask, token_mask)
     return x + update

@@ -60,6 +60,7 @@ def dit_flops_spec(model) -> FlopsSpec:
     blocks = []
     for _ in range(c.depth):
         width_out = (H - 1 if (dyn is None or dyn.always_on) else H) if dyn is not None and dyn.width else 0
+        width_out += 0.5 if dyn is not None and dyn.block_skip else 0  # one gate: D MACs, counted as 2·D·0.5
         blocks.append(
             BlockFlops(
                 attn=attention_macs(N, D),

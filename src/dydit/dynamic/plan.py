@@ -49,6 +49,9 @@ class WidthPlan:
             else:
                 hm = torch.ones(len(new), H, dtype=torch.bool, device=ts.device)
                 gm = hm
+            if getattr(block, "block_gate", None) is not None:  # skipped block: no heads, no groups
+                run = block.block_gate(t_emb, training=False) > 0.5  # (T, 1)
+                hm, gm = hm & run, gm & run
             per_block.append((hm, gm))
         for i, t in enumerate(new):
             self.steps[time_key(t)] = [
@@ -64,7 +67,7 @@ class WidthPlan:
 
 
 def routed_blocks(model):
-    return [b for b in model.modules() if getattr(b, "attn_rate", None) is not None or getattr(b, "token_selection", None) is not None]
+    return [b for b in model.modules() if getattr(b, "is_dynamic", False) is True]
 
 
 @dataclass

@@ -83,7 +83,7 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: x += g1·Attn(mod(LN(x))); x += g2·MLP(mod(LN(x))).
 
     ``attn_rate``, ``mlp_rate`` and ``token_selection`` are the DyDiT routers (None for a static
-    model); their names match the authors' checkpoints.
+    model); their names match the authors' checkpoints. ``block_gate`` is the block-skip ablation's.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -96,10 +96,11 @@ class DiTBlock(nn.Module):
         self.attn_rate = None
         self.mlp_rate = None
         self.token_selection = None
+        self.block_gate = None
 
     @property
     def is_dynamic(self) -> bool:
-        return self.attn_rate is not None
+        return self.attn_rate is not None or self.token_selection is not None or self.block_gate is not None
 
     def forward(self, x, c, t_emb=None, dyn=None):
         """x: (B, N, D) tokens; c: (B, D) conditioning; t_emb: (B, D) timestep embedding for routers."""

@@ -1,0 +1,108 @@
+"""Router threshold calibration: the calibrated model realises λ at inference, on its own sampler."""
+import json
+
+import pytest
+import torch
+
+import dydit
+from dydit.assets import default_model_path
+from dydit.dynamic import dynamize
+from dydit.dynamic.calibrate import calibrate, measure_ratio
+from helpers import scramble_routers
+
+FAST = dict(sampler="ddim", steps=5, cfg_scale=4.0, num_images=6)
+
+
+def _dynamic_embedded(seed=1):
+    model = dynamize(dydit.load(default_model_path()))
+    return scramble_routers(model, seed=seed).eval()
+
+
+def test_calibration_moves_the_realised_ratio_to_the_target():
+    model = _dynamic_embedded()
+    before = measure_ratio(model, **FAST)
+    target = round(before - 0.1, 2)
+    result = calibrate(model, target, tol=0.01, max_evals=20, **FAST)
+    assert result.knob == "tokens" and result.ratio_before == pytest.approx(before)
+    assert abs(result.ratio_after - target) <= 0.01, result
+    # the shift is folded into the router biases: the saved model realises it without the calibrator
+    assert measure_ratio(model, **FAST) == pytest.approx(result.ratio_after)
+
+
+def test_calibration_keeps_the_width_plan_when_shifting_tokens():
+    model = _dynamic_embedded()
+    widths = {k: v.clone() for k, v in model.state_dict().items() if "attn_rate" in k or "mlp_rate" in k}
+    calibrate(model, 0.5, tol=0.02, max_evals=12, **FAST)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in widths.items())
+
+
+def test_impossible_target_names_the_problem_and_leaves_the_model_unchanged():
+    model = _dynamic_embedded()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot reach FLOPs ratio 0.010"):
+        calibrate(model, 0.01, max_evals=20, **FAST)  # every MLP token off still leaves attention running
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="dynamic"):
+        calibrate(dydit.load(default_model_path()), 0.5, **FAST)
+
+
+def test_finetune_cli_calibrates_its_output(tmp_path):
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(app, ["finetune", str(default_model_path()), "--out", str(out), "--steps", "2",
+                                   "--batch-size", "8", "--limit-data", "32", "--ramp-steps", "1",
+                                   "--warmup-steps", "1", "--ckpt-every", "2", "--target", "0.8",
+                                   "--calib-steps", "4", "--calib-images", "4"])
+    assert res.exit_code == 0, res.output
+    cal = json.loads((out / "finetune.json").read_text())["calibration"]
+    assert cal["target"] == 0.8 and cal["steps"] == 4
+    model = dydit.load(out / "ema")
+    got = measure_ratio(model, "ddim", 4, 4.0, 4)
+    assert got == pytest.approx(cal["ratio_after"], abs=1e-6)
+
+
+def test_feedback_moves_the_training_target_by_the_measured_inference_gap():
+    import copy
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded()
+    ema = copy.deepcopy(model)
+    task = FinetuneTask(model, FinetuneConfig(target=0.5, ramp_steps=4, feedback_every=2, feedback_images=2,
+                                              feedback_steps=3))
+    logs = {}
+    task.after_step(2, model, ema, logs)  # still in the ramp: nothing measured
+    assert logs == {} and task.offset == 0.0
+    task._acc = [0.9, 2]  # training ratio 0.45 over the window
+    task.after_step(4, model, ema, logs)
+    assert logs["inference_ratio"] == pytest.approx(measure_ratio(ema, "ddim", 3, 4.0, 2))
+    assert task.offset == pytest.approx(logs["inference_ratio"] - 0.45)
+    assert task.target_at(5) == pytest.approx(max(0.02, 0.5 - task.offset))
+    state = task.state_dict()
+    other = FinetuneTask(model, FinetuneConfig(target=0.5))
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_finetune_with_feedback_resumes_exactly(tmp_path):
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    def run(out, *extra):
+        res = CliRunner().invoke(app, ["finetune", str(default_model_path()), "--out", str(out), "--steps", "4",
+                                       "--batch-size", "8", "--limit-data", "32", "--ramp-steps", "1",
+                                       "--warmup-steps", "1", "--ckpt-every", "2", "--feedback-every", "2",
+                                       "--feedback-images", "2", "--calib-steps", "3", "--no-calibrate", *extra])
+        assert res.exit_code == 0, res.output
+
+    run(tmp_path / "a")
+    run(tmp_path / "b", "--stop-after", "2")
+    run(tmp_path / "b", "--resume")
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["task"] == b["task"] and a["task"]["inference_ratio"] is not None
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
