@@ -29,6 +29,7 @@ def test_engine_bench_plans_realise_the_requested_flops_ratio():
         r = bench_engine("DiT-S/8", target, schedule_steps=50, timed_steps=3, batch=1, repeats=1)
         assert abs(r.realised_ratio - target) < 0.03, (target, r.realised_ratio)
         assert r.ideal_speedup > 1.0 and r.static_gmacs > r.dynamic_gmacs
+        assert r.static_peak_mb > 0 and r.dynamic_peak_mb > 0  # CPU: peak RSS, reset per side
 
 
 def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_path, monkeypatch):

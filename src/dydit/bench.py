@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,8 @@ class EngineResult:
     realised_ratio: float
     static_gmacs: float
     dynamic_gmacs: float
+    # CUDA: max allocated; CPU: the process's peak resident set over one warm-up pass, reset before
+    # each side (so it counts the model, the activations and the engine's sliced-weight cache)
     static_peak_mb: float | None = None
     dynamic_peak_mb: float | None = None
 
@@ -180,9 +183,10 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
     for name, fn in (("static", run_static), ("dynamic", run_dynamic)):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
         fn()
-        if device.startswith("cuda"):
-            peak[name] = torch.cuda.max_memory_allocated() / 2**20
+        peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_rss_mb()
     # interleave repeats so drifts in machine load hit both sides alike
     ts, td = [], []
     for _ in range(repeats):
@@ -208,6 +212,25 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
     )
 
 
+def _reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    """Process peak resident set since the last reset (CPU 'peak memory': weights, activations, caches)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -215,11 +238,15 @@ def _sync(device: str):
 
 def results_table(results: list[EngineResult]) -> str:
     head = ("| model | λ | steps | batch | dtype | static s/step | dynamic s/step | speedup | ideal | efficiency "
-            "| realised ratio |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| realised ratio | peak MB static / dynamic |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def mb(v):
+        return f"{v:.0f}" if v is not None else "n/a"
+
     rows = [
         f"| {r.model} | {r.target} | {r.schedule_steps} | {r.batch} | {r.dtype} | {r.static_s_per_step:.3f} | "
         f"{r.dynamic_s_per_step:.3f} | {r.speedup:.2f}× | {r.ideal_speedup:.2f}× | {r.efficiency:.2f} | "
-        f"{r.realised_ratio:.3f} |"
+        f"{r.realised_ratio:.3f} | {mb(r.static_peak_mb)} / {mb(r.dynamic_peak_mb)} |"
         for r in results
     ]
     return head + "\n".join(rows) + "\n"

@@ -86,13 +86,15 @@ def row_key(row: Row, settings: dict) -> str:
         for f in files:
             digest.update(f.name.encode())
             digest.update(f.read_bytes())
-    return json.dumps({"path": row.path, "steps": row.steps, "fbcache": row.fbcache, "adapters": row.adapters,
+    # where the files live does not matter, what they hold does
+    return json.dumps({"steps": row.steps, "fbcache": row.fbcache, "adapters": bool(row.adapters),
                        "weights": digest.hexdigest()[:16], **settings}, sort_keys=True)
 
 
 def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: int, cfg_scale: float, seed: int,
                 batch_size: int, out: str, data=None, cache_dir=None, resume: bool = False,
                 timing_repeats: int = 3) -> str:
+    import torch
     from tqdm.auto import tqdm
 
     from dydit.cli_eval import evaluate_checkpoint
@@ -139,7 +141,7 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
     first = rows[0].result
     header = (f"Samples: {num_samples} per row, {first['sampler']} {steps} steps (unless the row says "
               f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
-              f"{first['threads']} threads, fp32. s/image: median of {timing_repeats} interleaved timing rounds of "
+              f"{torch.get_num_threads()} threads, fp32. s/image: median of {timing_repeats} interleaved timing rounds of "
               f"one {batch_size}-image batch per row (quality pass times in the .json).\n\n")
     table = header + "\n".join(lines) + "\n"
     out_path.with_suffix(".md").write_text(table)

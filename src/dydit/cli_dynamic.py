@@ -53,12 +53,13 @@ def finetune(
                                    "the realised inference FLOPs ratio is within 0.005 of λ (dydit calibrate)"),
     feedback_every: int = typer.Option(25, help="after the λ ramp, every N steps: sample a few images on the fast "
                                        "engine and correct the FLOPs target by (inference − training) ratio; 0: off"),
-    feedback_images: int = typer.Option(16, help="images per feedback measurement"),
+    feedback_images: int = typer.Option(20, help="images per feedback measurement (labels cycle through the "
+                                        "classes: use a multiple of the class count)"),
     calib_sampler: Optional[str] = typer.Option(None, help="sampler of the feedback and calibration runs (the one "
                                                 "you will serve; default ddim, or euler for flow models)"),
     calib_steps: int = typer.Option(20, help="sampling steps of the feedback and calibration runs"),
     calib_cfg: float = typer.Option(4.0, help="guidance scale of the feedback and calibration runs"),
-    calib_images: int = typer.Option(64, help="images sampled per calibration measurement"),
+    calib_images: int = typer.Option(100, help="images sampled per calibration measurement (class-balanced)"),
     peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
                              "timestep-mixed LoRA experts train; lora: the same with one expert"),
     lora_rank: Optional[int] = typer.Option(None, help=TDLoRAConfig.help("r")),
@@ -171,7 +172,7 @@ def calibrate(
     sampler: str = typer.Option("ddim", help="sampler you will run (its timesteps and trajectory matter)"),
     steps: int = typer.Option(20, help="sampling steps"),
     cfg_scale: float = typer.Option(4.0, help="guidance scale"),
-    num_images: int = typer.Option(64, help="images sampled per measurement"),
+    num_images: int = typer.Option(100, help="images sampled per measurement (class-balanced)"),
     tol: float = typer.Option(0.005, help="stop when |realised − λ| ≤ tol"),
     knob: Optional[str] = typer.Option(None, help="tokens or width (default: tokens when the model has them)"),
     seed: int = typer.Option(0, help="seed of the calibration noise"),

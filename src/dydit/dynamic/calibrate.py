@@ -48,7 +48,7 @@ def _bias_params(model, knob: str):
     return out
 
 
-def measure_ratio(model, sampler: str = "ddim", steps: int = 20, cfg_scale: float = 4.0, num_images: int = 64,
+def measure_ratio(model, sampler: str = "ddim", steps: int = 20, cfg_scale: float = 4.0, num_images: int = 100,
                   seed: int = 0, context_factory=None) -> float:
     """Realised FLOPs ratio of the routed blocks over one fast-engine sampling run."""
     from dydit.dynamic.context import DynamicContext
@@ -66,7 +66,7 @@ def measure_ratio(model, sampler: str = "ddim", steps: int = 20, cfg_scale: floa
 
 @torch.no_grad()
 def calibrate(model, target: float, sampler: str = "ddim", steps: int = 20, cfg_scale: float = 4.0,
-              num_images: int = 64, tol: float = 0.005, max_evals: int = 16, seed: int = 0,
+              num_images: int = 100, tol: float = 0.005, max_evals: int = 16, seed: int = 0,
               knob: str | None = None, context_factory=None, log=None) -> CalibrationResult:
     """Shifts the router thresholds of ``model`` in place until its realised ratio is within ``tol``
     of ``target``; returns what it did. Raises ValueError for a target the knob cannot reach."""
@@ -94,37 +94,42 @@ def calibrate(model, target: float, sampler: str = "ddim", steps: int = 20, cfg_
         log(f"calibration: shift {shift:+.3f} -> ratio {r:.4f} (target {target:.3f})")
         return r
 
-    before = ratio_at(0.0)
-    best = (abs(before - target), 0.0, before)
-    if best[0] > tol:
+    seen = {0.0: ratio_at(0.0)}
+    before = seen[0.0]
+    if abs(before - target) > tol:
         # bracket: the ratio grows with the shift (more logits above 0)
         sign = -1.0 if before > target else 1.0
-        near, far, width = 0.0, None, 0.5
+        near, far, width = 0.0, None, 0.5  # near: still on the starting side of λ; far: crossed it
         while evals < max_evals and width <= 64.0:
-            r = ratio_at(sign * width)
-            best = min(best, (abs(r - target), sign * width, r))
-            if (r - target) * sign >= 0:  # crossed the target
+            seen[sign * width] = r = ratio_at(sign * width)
+            if (r - target) * sign >= -tol:  # crossed (or reached) the target
                 far = sign * width
                 break
             near, width = sign * width, width * 2
-        if far is None and best[0] > tol:
+        if far is None:
             for b, o in zip(biases, originals):
                 b.copy_(o)
             reach = "lowest" if sign < 0 else "highest"
             raise ValueError(
                 f"calibration cannot reach FLOPs ratio {target:.3f} by moving the {knob} thresholds: the {reach} "
-                f"ratio found is {best[2]:.3f}. Fine-tune at this target (dydit finetune --target {target}) "
+                f"ratio found is {seen[near]:.3f}. Fine-tune at this target (dydit finetune --target {target}) "
                 f"or calibrate the other knob")
-        lo, hi = (far, near) if far < near else (near, far)
-        while best[0] > tol and evals < max_evals and far is not None and hi - lo > 1e-3:
-            mid = 0.5 * (lo + hi)
-            r = ratio_at(mid)
-            best = min(best, (abs(r - target), mid, r))
-            if r > target:
-                hi = mid
+        while abs(seen[far] - target) > tol and evals < max_evals and abs(far - near) > 0.05:  # narrower: a jump
+            mid = 0.5 * (near + far)
+            seen[mid] = r = ratio_at(mid)
+            if (r - target) * sign >= -tol:
+                far = mid
             else:
-                lo = mid
-    _, shift, after = best
+                near = mid
+    within = [(abs(k), k) for k, r in seen.items() if abs(r - target) <= tol]
+    if within:  # the smallest threshold move that meets λ
+        shift = min(within)[1]
+    else:
+        # λ sits in a jump of the ratio (routers that switch a whole block's tokens at once): stay on the
+        # starting side, at the closest ratio reached with the smallest move, rather than jump across
+        side = [(abs(r - target), abs(k), k) for k, r in seen.items() if (r - target) * (before - target) > 0]
+        shift = min(side)[2]
+    after = seen[shift]
     for b, o in zip(biases, originals):
         b.copy_(o + shift)
     return CalibrationResult(target, knob, float(shift), float(before), float(after), evals, sampler, steps,

@@ -29,7 +29,7 @@ class FinetuneConfig:
     noise_anneal: float = 0.3  # gumbel noise decays linearly to 0 over this final share of the steps
     total_steps: int | None = None  # length of the run (set by the CLI; needed for the noise anneal)
     feedback_every: int = 25  # after the ramp, every N steps: measure the inference ratio, correct the target (0: off)
-    feedback_images: int = 16  # images sampled per feedback measurement
+    feedback_images: int = 20  # images per feedback measurement (class-balanced: a multiple of the classes)
     feedback_sampler: str | None = None  # sampler of the measurement (default: ddim, or euler for flow models)
     feedback_steps: int = 20  # its sampling steps
     feedback_cfg: float = 4.0  # its guidance scale
