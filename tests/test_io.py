@@ -270,3 +270,16 @@ def test_vae_wrapper_scales_with_the_config_factor(tmp_path):
         assert not torch.allclose(vae.encode(images, generator=g), z)  # sampling draws from q(z|x)
     with pytest.raises(FileNotFoundError, match="novae"):
         load_vae(tmp_path / "novae")
+
+
+def test_saved_files_are_atomic_and_get_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        dydit.save(dydit.build_model("DiT-Tiny"), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "m" / f).stat().st_mode & 0o777 == 0o644
+    assert not list((tmp_path / "m").glob("*.tmp"))  # no temporaries left behind

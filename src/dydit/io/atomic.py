@@ -16,9 +16,11 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; saved models are ordinary files
     try:
         yield tmp
+        # mkstemp makes owner-only files, and writers such as safetensors recreate the file: saved
+        # models get the ordinary mode the umask gives
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
