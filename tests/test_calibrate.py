@@ -109,3 +109,16 @@ def test_finetune_with_feedback_resumes_exactly(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["task"] == b["task"] and a["task"]["inference_ratio"] is not None
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_calibration_falls_back_to_width_when_tokens_cannot_reach():
+    model = _dynamic_embedded()
+    with torch.no_grad():  # every token kept whatever the shift: only the width can move the ratio
+        for b in model.blocks:
+            b.token_selection.mlp_head[2].weight.zero_()
+            b.token_selection.mlp_head[2].bias.fill_(500.0)
+            b.attn_rate.router.bias.sub_(3.0)  # and the width well below λ
+            b.mlp_rate.router.bias.sub_(3.0)
+    before = measure_ratio(model, **FAST)
+    result = calibrate(model, min(0.95, before + 0.2), tol=0.05, max_evals=20, **FAST)
+    assert result.knob == "width" and result.ratio_after > before

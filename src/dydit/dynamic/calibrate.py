@@ -74,15 +74,24 @@ def calibrate(model, target: float, sampler: str = "ddim", steps: int = 20, cfg_
         raise ValueError("calibration needs a dynamic (DyDiT) model; dynamize and fine-tune it first")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must be in (0, 1], got {target}")
-    if knob is None:
-        knob = "tokens" if _bias_params(model, "tokens") else "width"
+    log = log or (lambda msg: None)
+    if knob is None:  # tokens first (the finer knob); width when the tokens cannot reach λ
+        knobs = [k for k in ("tokens", "width") if _bias_params(model, k)]
+        for i, k in enumerate(knobs):
+            try:
+                return calibrate(model, target, sampler, steps, cfg_scale, num_images, tol, max_evals, seed, k,
+                                 context_factory, log)
+            except ValueError:
+                if i == len(knobs) - 1:
+                    raise
+                log(f"calibration: the {k} thresholds cannot reach {target:.3f}; trying the {knobs[i + 1]} ones")
+        raise ValueError("the model has no routers to calibrate")
     if knob not in ("tokens", "width"):
         raise ValueError(f"knob must be 'tokens' or 'width', got {knob!r}")
     biases = _bias_params(model, knob)
     if not biases:
         raise ValueError(f"the model has no {knob} routers to calibrate; use knob='width' or 'tokens'")
     originals = [b.detach().clone() for b in biases]
-    log = log or (lambda msg: None)
     evals = 0
 
     def ratio_at(shift: float) -> float:
