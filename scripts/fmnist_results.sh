@@ -19,32 +19,38 @@ dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --feed
 dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.7 --target 0.7 $FT
 for lam in 0.5 0.7; do rm -rf $A/fmnist_dydit_$lam && cp -r runs/fmnist-dydit-$lam/ema $A/fmnist_dydit_$lam; done
 
-# 3. TD-LoRA and plain LoRA at λ = 0.5, the same 300 steps (issue 6); and the B3 baselines:
-#    static magnitude pruning + fine-tune, the static model + the same extra fine-tune, the TDW-only,
-#    SDT-only and whole-block-skip ablations, and λ = 0.3.
+# 3. TD-LoRA and plain LoRA at λ = 0.5, the same 300 steps (issue 6), and two B3 baselines: static
+#    magnitude pruning + fine-tune, and the static model + the same extra fine-tune.
 for peft in lora td-lora; do
   dydit finetune $A/fmnist_dit --out runs/fmnist-$peft-0.5 --target 0.5 $FT --peft $peft
 done
 dydit finetune $A/fmnist_dit --out runs/fmnist-prune-0.5 --target 0.5 --prune-static $FT
 dydit train --model DiT-FMNIST --init $A/fmnist_dit --out runs/fmnist-static-ft --steps 300 --batch-size 128 \
   --lr 3e-4 --warmup-steps 0 --ema-decay 0.99 --ckpt-every 100 --seed 0
-dydit finetune $A/fmnist_dit --out runs/fmnist-tdw-0.5 --target 0.5 --no-tokens $FT
-dydit finetune $A/fmnist_dit --out runs/fmnist-sdt-0.5 --target 0.5 --no-width $FT
-dydit finetune $A/fmnist_dit --out runs/fmnist-blockskip-0.5 --target 0.5 --block-skip --no-width --no-tokens $FT
-dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.3 --target 0.3 $FT
 
 # 4. B1 + B3: every row on 5,000 samples (DDIM 20 steps, CFG 4, seed 0), then one interleaved timing
 #    pass; table + plot. --resume keeps rows already scored with the same weights and settings.
-dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --fbcache 0.1 --resume \
-  --row "LoRA (λ 0.5)=$A/fmnist_dit,adapters=runs/fmnist-lora-0.5/adapters" \
-  --row "TD-LoRA (λ 0.5)=$A/fmnist_dit,adapters=runs/fmnist-td-lora-0.5/adapters" \
-  --row "static pruning to 0.5 + 300 ft steps=runs/fmnist-prune-0.5/ema" \
-  --row "static + 300 ft steps=runs/fmnist-static-ft/ema" \
-  --row "TDW only (λ 0.5)=runs/fmnist-tdw-0.5/ema" \
-  --row "SDT only (λ 0.5)=runs/fmnist-sdt-0.5/ema" \
-  --row "block skip (λ 0.5)=runs/fmnist-blockskip-0.5/ema" \
-  --row "DyDiT (λ 0.3)=runs/fmnist-dydit-0.3/ema" \
+R="--row"
+dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
+  $R "static=$A/fmnist_dit" \
+  $R "DyDiT λ 0.7=$A/fmnist_dydit_0.7" \
+  $R "DyDiT λ 0.5=$A/fmnist_dydit_0.5" \
+  $R "static, 14 steps=$A/fmnist_dit,steps=14" \
+  $R "FBCache rdt 0.1=$A/fmnist_dit,fbcache=0.1" \
+  $R "DyDiT λ 0.5 + FBCache rdt 0.1=$A/fmnist_dydit_0.5,fbcache=0.1" \
+  $R "static pruning to 0.5 + 300 ft steps=runs/fmnist-prune-0.5/ema" \
+  $R "static + 300 ft steps=runs/fmnist-static-ft/ema" \
+  $R "LoRA λ 0.5 (frozen backbone)=$A/fmnist_dit,adapters=runs/fmnist-lora-0.5/adapters" \
+  $R "TD-LoRA λ 0.5 (frozen backbone)=$A/fmnist_dit,adapters=runs/fmnist-td-lora-0.5/adapters" \
   --out docs/results/b3_compare
+
+# 4b. Not run yet (no CPU time left in the session that built them): the TDW-only, SDT-only and
+#     whole-block-skip ablations and λ = 0.3. Fine-tune, then add them as rows to step 4 and rerun it:
+#     --resume scores only the new rows.
+#   dydit finetune $A/fmnist_dit --out runs/fmnist-tdw-0.5 --target 0.5 --no-tokens $FT
+#   dydit finetune $A/fmnist_dit --out runs/fmnist-sdt-0.5 --target 0.5 --no-width $FT
+#   dydit finetune $A/fmnist_dit --out runs/fmnist-blockskip-0.5 --target 0.5 --block-skip --no-width --no-tokens $FT
+#   dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.3 --target 0.3 $FT
 
 # 5. TD-LoRA merged-plan speed against a plain DyDiT on the identical plan.
 python3 scripts/bench_td_lora.py $A/fmnist_dit runs/fmnist-td-lora-0.5/adapters --steps 20 --json docs/results/td_lora_speed.json
