@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

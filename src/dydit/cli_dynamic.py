@@ -72,6 +72,7 @@ def finetune(
     args = dict(locals())
     import dydit
     from dydit.dynamic import DynamicConfig, dynamize
+    from dydit.dynamic.convert import copy_routers
     from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
     from dydit.train import TrainConfig, dist_info, train
 
@@ -126,19 +127,16 @@ def finetune(
         task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
         task.feedback_context = td_lora_fast_context
     ema = train(tc, model=model, task=task)
-    _live_routers_into(ema, model)
+    copy_routers(model, ema)  # backbone averaged, routers live
     finished = (Path(out) / "ema").exists() and dist_info()[0] == 0  # train() writes ema/ at the last step
     if calibrate and target < 1.0 and finished:
         from dydit.dynamic.calibrate import calibrate as run_calibration
+        from dydit.sampling import default_sampler
 
-        factory = None
-        if lora_cfg is not None:
-            from dydit.peft import td_lora_fast_context as factory
         ema.eval()
-        sampler = calib_sampler or ("ddim" if ema.config.objective == "diffusion" else "euler")
         try:
-            result = run_calibration(ema, target, sampler, calib_steps, calib_cfg, calib_images,
-                                     context_factory=factory, log=typer.echo)
+            result = run_calibration(ema, target, calib_sampler or default_sampler(ema), calib_steps, calib_cfg,
+                                     calib_images, context_factory=task.feedback_context, log=typer.echo)
         except ValueError as e:  # keep the trained model; say why it is not calibrated
             typer.echo(f"calibration skipped: {e}", err=True)
         else:
@@ -169,7 +167,8 @@ def calibrate(
     out: str = typer.Option(..., help="folder for the calibrated checkpoint (the input is left as it is)"),
     adapters: Optional[str] = typer.Option(None, help="TD-LoRA / LoRA adapter folder on CHECKPOINT; the "
                                            "calibrated adapters (routers included) are written to OUT"),
-    sampler: str = typer.Option("ddim", help="sampler you will run (its timesteps and trajectory matter)"),
+    sampler: Optional[str] = typer.Option(None, help="sampler you will run (its timesteps and trajectory "
+                                          "matter; default ddim, or euler for flow models)"),
     steps: int = typer.Option(20, help="sampling steps"),
     cfg_scale: float = typer.Option(4.0, help="guidance scale"),
     num_images: int = typer.Option(100, help="images sampled per measurement (class-balanced)"),
@@ -180,6 +179,7 @@ def calibrate(
     """Shift a DyDiT's router thresholds so that it realises λ on your sampler (run by finetune already)."""
     import dydit
     from dydit.dynamic.calibrate import calibrate as run_calibration
+    from dydit.sampling import default_sampler
 
     model = dydit.load(checkpoint)
     factory = None
@@ -191,7 +191,8 @@ def calibrate(
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     try:
-        result = run_calibration(model, target, sampler, steps, cfg_scale, num_images, tol=tol, seed=seed,
+        result = run_calibration(model, target, sampler or default_sampler(model), steps, cfg_scale, num_images,
+                                 tol=tol, seed=seed,
                                  knob=knob, context_factory=factory, log=typer.echo)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -202,21 +203,6 @@ def calibrate(
         dydit.save(model, Path(out))
     (Path(out) / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     typer.echo(f"calibrated checkpoint: {out}")
-
-
-def _live_routers_into(ema, model):
-    from dydit.dynamic.convert import _is_router_name
-
-    """Routers are thresholded: an EMA of fast-moving router logits shifts every threshold (the λ=0.5
-    Fashion-MNIST fine-tune realised 0.60 with EMA routers, 0.48 with the live ones), so the EMA model
-    takes the backbone's average but the live routers."""
-    import torch
-
-    live = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, p in ema.named_parameters():
-            if _is_router_name(name) and name in live:
-                p.copy_(live[name].detach().to(p.device))
 
 
 def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):

@@ -17,6 +17,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from dydit.sampling import default_sampler
+
 log = logging.getLogger(__name__)
 
 FID_NAME = "FID (FMNIST classifier)"
@@ -161,10 +163,6 @@ def load_npz_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
 # ---------------------------------------------------------------------------------------------
 # generating and scoring a model
 # ---------------------------------------------------------------------------------------------
-
-
-def default_sampler(model) -> str:
-    return "ddim" if model.config.objective == "diffusion" else "euler"
 
 
 @torch.no_grad()

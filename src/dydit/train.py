@@ -341,12 +341,12 @@ def memory_summary(model, params, opt, device) -> dict:
 @torch.no_grad()
 def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 25, cfg_scale: float = 3.0):
     """A grid with ``per_class`` rows of every class, sampled from ``model`` (usually the EMA)."""
-    from dydit.sampling import sample
+    from dydit.sampling import default_sampler, sample
     from dydit.viz import save_grid
 
     n = model.config.num_classes
     labels = torch.arange(min(n, 10)).repeat(per_class)
-    method = "ddim" if model.config.objective == "diffusion" else "euler"
+    method = default_sampler(model)
     dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
     x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
     if model.config.vae:  # latents -> images

@@ -52,6 +52,20 @@ ROUTER_NAMES = ("attn_rate.", "mlp_rate.", "token_selection.", "block_gate.")
 
 
 @torch.no_grad()
+def copy_routers(src, dst):
+    """Copies the router parameters of ``src`` into ``dst`` (same architecture; ``src`` may be DDP-wrapped).
+
+    Routers are thresholded: an EMA of fast-moving router logits shifts every threshold (the λ=0.5
+    Fashion-MNIST fine-tune realised 0.60 with EMA routers, 0.48 with the live ones), so an EMA model
+    takes the backbone's average but the live routers.
+    """
+    live = dict(getattr(src, "module", src).named_parameters())
+    for name, p in dst.named_parameters():
+        if _is_router_name(name) and name in live:
+            p.copy_(live[name].detach().to(p.device))
+
+
+@torch.no_grad()
 def reorder_by_importance(model):
     """Permutes heads and MLP channels of every block by descending weight magnitude, in place.
 

@@ -109,17 +109,15 @@ class FinetuneTask:
         import torch.distributed as dist
 
         from dydit.dynamic.calibrate import measure_ratio
-        from dydit.dynamic.convert import _is_router_name
+        from dydit.dynamic.convert import copy_routers
+        from dydit.sampling import default_sampler
 
-        live = dict(getattr(model, "module", model).named_parameters())
-        for name, p in ema.named_parameters():  # the routers that will ship are the live ones
-            if _is_router_name(name):
-                p.copy_(live[name].detach())
+        copy_routers(model, ema)  # the routers that will ship are the live ones
         acc = torch.tensor(self._acc, dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(acc)  # every rank holds the same correction
         train_ratio = float(acc[0] / acc[1])
-        sampler = self.cfg.feedback_sampler or ("ddim" if ema.config.objective == "diffusion" else "euler")
+        sampler = self.cfg.feedback_sampler or default_sampler(ema)
         self.inference_ratio = measure_ratio(ema, sampler, self.cfg.feedback_steps, self.cfg.feedback_cfg,
                                              self.cfg.feedback_images, seed=0, context_factory=self.feedback_context)
         self.offset = max(-0.25, min(0.25, self.inference_ratio - train_ratio))  # a bounded correction
