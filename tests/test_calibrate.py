@@ -122,3 +122,47 @@ def test_calibration_falls_back_to_width_when_tokens_cannot_reach():
     before = measure_ratio(model, **FAST)
     result = calibrate(model, min(0.95, before + 0.2), tol=0.05, max_evals=20, **FAST)
     assert result.knob == "width" and result.ratio_after > before
+
+
+def test_frozen_plan_phase_trains_the_backbone_on_the_inference_masks():
+    from dydit.dynamic.convert import router_parameters
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded().train()
+    cfg = FinetuneConfig(target=0.5, total_steps=10, ramp_steps=2, warmup_steps=0, freeze_routers=0.4, noise_anneal=0.3)
+    task = FinetuneTask(model, cfg)
+    assert task.freeze_step() == 6 and not task.frozen(5) and task.frozen(6)
+    assert task.noise_at(3) == 1.0 and task.noise_at(5) == 0.0  # the noise is gone before the plan freezes
+    c = model.config
+    x = torch.randn(4, c.in_channels, c.input_size, c.input_size)
+    y = torch.arange(4)
+    for step, frozen in ((4, False), (6, True)):
+        model.zero_grad(set_to_none=True)
+        loss, logs = task.loss(model, x, y, step, torch.Generator().manual_seed(0))
+        loss.backward()
+        router_grads = [p.grad for p in router_parameters(model)]
+        if frozen:  # the eval masks: no gradient reaches any router, the FLOPs term is off
+            assert all(g is None or not g.any() for g in router_grads) and logs["flops_loss"] == 0.0
+        else:
+            assert any(g is not None and g.any() for g in router_grads)
+        assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    task._acc = [0.9, 2]
+    logs = {}
+    task.after_step(6, model, model, logs)  # no feedback once the plan is fixed
+    assert logs == {} and task.offset == 0.0
+
+
+def test_damped_feedback_moves_the_correction_part_of_the_way():
+    import copy
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded()
+    ema = copy.deepcopy(model)
+    task = FinetuneTask(model, FinetuneConfig(target=0.5, ramp_steps=2, feedback_every=2, feedback_images=2,
+                                              feedback_steps=3, feedback_gain=0.5))
+    task.offset, task._acc = 0.2, [0.9, 2]
+    logs = {}
+    task.after_step(2, model, ema, logs)
+    gap = logs["inference_ratio"] - 0.45
+    assert task.offset == pytest.approx(max(-0.25, min(0.25, 0.1 + 0.5 * gap)))

@@ -59,6 +59,10 @@ def finetune(
                                                 "you will serve; default ddim, or euler for flow models)"),
     calib_steps: int = typer.Option(20, help="sampling steps of the feedback and calibration runs"),
     calib_cfg: float = typer.Option(4.0, help="guidance scale of the feedback and calibration runs"),
+    feedback_gain: float = typer.Option(1.0, help="share of each measured inference-training gap applied to the "
+                                        "target correction (< 1 damps it)"),
+    freeze_routers: float = typer.Option(0.0, help="fix the plan for this final share of the steps: the routers stop, "
+                                         "the masks are the inference ones and the backbone adapts to them"),
     calib_images: int = typer.Option(100, help="images sampled per calibration measurement (class-balanced)"),
     peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
                              "timestep-mixed LoRA experts train; lora: the same with one expert"),

@@ -33,6 +33,8 @@ class FinetuneConfig:
     feedback_sampler: str | None = None  # sampler of the measurement (default: ddim, or euler for flow models)
     feedback_steps: int = 20  # its sampling steps
     feedback_cfg: float = 4.0  # its guidance scale
+    feedback_gain: float = 1.0  # share of each measured gap applied to the correction (< 1: damped)
+    freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
 
     def to_dict(self):
         return asdict(self)
@@ -75,12 +77,14 @@ class FinetuneTask:
         B = len(x)
         t = self.process.sample_t(B, x.device, generator=gen, stratified=self.cfg.stratified)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
-        ctx = DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
+        frozen = self.frozen(step)
+        # frozen plan: the eval masks (no gradient reaches the routers), the backbone adapts to them
+        ctx = DynamicContext("masked") if frozen else DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
         terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y, dyn=ctx), x, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
-        f_loss = flops_loss(ratio, lam, self.cfg.flops_weight)
-        if step >= self.cfg.ramp_steps:
+        f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight)
+        if step >= self.cfg.ramp_steps and not frozen:
             self._acc[0] += ratio.mean().item()
             self._acc[1] += 1
         loss = terms["loss"].mean() + f_loss
@@ -104,7 +108,7 @@ class FinetuneTask:
     def after_step(self, step: int, model, ema, logs: dict):
         """Feedback (see the class doc): measure the realised inference ratio, update the correction."""
         every = self.cfg.feedback_every
-        if not every or step < self.cfg.ramp_steps or step % every or self._acc[1] == 0:
+        if not every or step < self.cfg.ramp_steps or step % every or self._acc[1] == 0 or self.frozen(step):
             return
         import torch.distributed as dist
 
@@ -120,7 +124,8 @@ class FinetuneTask:
         sampler = self.cfg.feedback_sampler or default_sampler(ema)
         self.inference_ratio = measure_ratio(ema, sampler, self.cfg.feedback_steps, self.cfg.feedback_cfg,
                                              self.cfg.feedback_images, seed=0, context_factory=self.feedback_context)
-        self.offset = max(-0.25, min(0.25, self.inference_ratio - train_ratio))  # a bounded correction
+        gap, g = self.inference_ratio - train_ratio, self.cfg.feedback_gain
+        self.offset = max(-0.25, min(0.25, (1.0 - g) * self.offset + g * gap))  # bounded
         self._acc = [0.0, 0]
         logs.update(inference_ratio=self.inference_ratio, train_ratio_window=train_ratio, target_offset=self.offset)
 
@@ -134,13 +139,26 @@ class FinetuneTask:
         self.inference_ratio = state["inference_ratio"]
         self._acc = [float(state["acc"][0]), int(state["acc"][1])]
 
+    def freeze_step(self) -> int | None:
+        """First step of the frozen-plan phase (None: routers train to the end)."""
+        total, share = self.cfg.total_steps, self.cfg.freeze_routers
+        if not total or share <= 0:
+            return None
+        return max(self.cfg.ramp_steps, int(round(total * (1.0 - share))))
+
+    def frozen(self, step: int) -> bool:
+        start = self.freeze_step()
+        return start is not None and step >= start
+
     def noise_at(self, step: int) -> float:
-        """Gumbel-noise scale: 1 until the anneal starts, then linearly to 0 at the last step."""
+        """Gumbel-noise scale: 1 until the anneal starts, then linearly to 0 at the last router-training
+        step (the last step, or the step before the plan freezes)."""
         total, share = self.cfg.total_steps, self.cfg.noise_anneal
         if not total or share <= 0:
             return 1.0
-        start = total * (1.0 - share)
-        return float(min(1.0, max(0.0, (total - 1 - step) / max(total - 1 - start, 1e-9))))
+        stop = self.freeze_step() or total
+        end, start = stop - 1, stop - total * share
+        return float(min(1.0, max(0.0, (end - step) / max(end - start, 1e-9))))
 
     def progress_fields(self, logs):
         fields = {"loss": f"{logs['diff_loss']:.4f}", "flops": f"{logs['flops_ratio']:.3f}", "λ_t": f"{logs['target']:.2f}"}
