@@ -171,6 +171,24 @@ def test_flops_ratio_counts_active_fraction():
     assert torch.allclose(dynamic_ratio(spec, half), torch.full((2,), expect))
 
 
+def test_balanced_flops_loss_penalises_each_trajectory_quarter():
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+    from dydit.dynamic.loss import flops_loss
+
+    # quarters at 0.2, 0.4, 0.6, 0.8: the batch mean meets λ=0.5, the quarters do not
+    r = torch.tensor([0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8], requires_grad=True)
+    assert flops_loss(r, 0.5).item() == 0.0
+    assert flops_loss(r, 0.5, balance=1.0).item() == pytest.approx(2.0 * (0.09 + 0.01 + 0.01 + 0.09) / 4)
+    assert flops_loss(r, 0.5, balance=0.5).item() == pytest.approx(0.05)
+    flops_loss(r, 0.5, balance=1.0).backward()  # pushes the starved quarter up and the rich one down
+    assert r.grad[0] < 0 < r.grad[-1]
+    from dydit.assets import default_model_path
+
+    model = dynamize(dydit.load(default_model_path()))
+    with pytest.raises(ValueError, match="stratified"):
+        FinetuneTask(model, FinetuneConfig(flops_balance=1.0, stratified=False))
+
+
 def test_gumbel_noise_zero_gives_the_eval_masks_and_the_anneal_reaches_zero():
     from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
     from dydit.dynamic.routers import gumbel_sigmoid_ste

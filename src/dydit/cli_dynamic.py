@@ -18,6 +18,9 @@ def finetune(
     out: str = typer.Option("runs/dydit", help="output folder"),
     target: float = typer.Option(0.5, help="λ: target FLOPs ratio of the routed blocks"),
     flops_weight: float = typer.Option(2.0, help="w in w·(mean r − λ_t)²"),
+    flops_balance: float = typer.Option(0.0, help="share of the FLOPs loss applied to each quarter of the "
+                                        "trajectory (1: every quarter of t averages λ; 0: the paper's batch mean, "
+                                        "which can starve the high-noise steps in short fine-tunes)"),
     ramp_steps: int = typer.Option(100, help="λ_t ramps from 1.0 to λ over these steps"),
     warmup_steps: int = typer.Option(100, help="steps with the complete-model loss added"),
     router_lr: Optional[float] = typer.Option(3e-2, help="router learning rate (routers start from zero weights "

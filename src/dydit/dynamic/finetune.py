@@ -17,6 +17,7 @@ class FinetuneConfig:
 
     target: float = 0.5  # λ: target FLOPs ratio of the routed blocks (1.0 = static)
     flops_weight: float = 2.0  # w in w·(mean r − λ_t)²
+    flops_balance: float = 0.0  # share of the FLOPs loss applied per quarter of the trajectory (needs stratified)
     ramp_steps: int = 100  # λ_t ramps linearly from 1.0 to λ over these steps
     warmup_steps: int = 100  # add the complete-model loss (routers bypassed) during these steps
     router_lr: float | None = None  # learning rate of the routers (default: the main lr)
@@ -57,6 +58,10 @@ class FinetuneTask:
         from dydit.diffusion.flow import FlowMatching
         from dydit.diffusion.gaussian import GaussianDiffusion
 
+        if cfg.flops_balance and not cfg.stratified:
+            raise ValueError("flops_balance needs stratified timesteps (the quarters are the batch's strata)")
+        if not 0.0 <= cfg.flops_balance <= 1.0:
+            raise ValueError(f"flops_balance is a share in [0, 1], got {cfg.flops_balance}")
         self.cfg = cfg
         obj = model.config.objective
         self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
@@ -83,7 +88,7 @@ class FinetuneTask:
         terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y, dyn=ctx), x, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
-        f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight)
+        f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
         if step >= self.cfg.ramp_steps and not frozen:
             self._acc[0] += ratio.mean().item()
             self._acc[1] += 1
