@@ -38,7 +38,9 @@ dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.3 --target 0.3 $FT
 # (scored in step 4), and a frozen plan for the last 40% with damped feedback (1,000-sample screen only).
 dydit finetune $A/fmnist_dit --out runs/e3-balance --target 0.5 $FT --flops-balance 1.0
 dydit finetune $A/fmnist_dit --out runs/e1-freeze --target 0.5 $FT --freeze-routers 0.4 --feedback-gain 0.5
-dydit eval runs/e1-freeze/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
+for m in runs/e1-freeze/ema $A/fmnist_dydit_0.5; do
+  dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
+done
 
 # 4. B1 + B3: every row on 5,000 samples (DDIM 20 steps, CFG 4, seed 0), then one interleaved timing
 #    pass; table + plot. --resume keeps rows already scored with the same weights and settings.
