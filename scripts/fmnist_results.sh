@@ -71,3 +71,9 @@ dydit bench engine --models DiT-B/2 --targets 0.7,0.5,0.3 --schedules 50 --batch
   --repeats 3 --out docs/results/bench_engine_cpu_b2
 dydit bench engine --models DiT-XL/2 --targets 0.5 --schedules 50 --batches 8 --timed-steps 3 --repeats 3 \
   --out docs/results/bench_engine_cpu_xl2
+dydit bench engine --models DiT-B/2 --targets 0.7,0.5,0.3 --schedules 50 --batches 1 --timed-steps 5 --repeats 3 \
+  --out docs/results/bench_engine_cpu_b2_batch1
+dydit bench engine --models DiT-B/2 --targets 0.5 --schedules 250 --batches 8 --timed-steps 5 --repeats 3 \
+  --out docs/results/bench_engine_cpu_b2_250
+dydit bench engine --models DiT-XL/2 --targets 0.7,0.3 --schedules 50 --batches 8 --timed-steps 3 --repeats 3 \
+  --out docs/results/bench_engine_cpu_xl2_more

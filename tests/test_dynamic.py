@@ -178,6 +178,8 @@ def test_balanced_flops_loss_penalises_each_trajectory_quarter():
     # quarters at 0.2, 0.4, 0.6, 0.8: the batch mean meets λ=0.5, the quarters do not
     r = torch.tensor([0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8], requires_grad=True)
     assert flops_loss(r, 0.5).item() == 0.0
+    q = torch.rand(12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flops_loss(q, 0.3), 2.0 * (q.mean() - 0.3) ** 2)  # balance 0: the paper's loss
     assert flops_loss(r, 0.5, balance=1.0).item() == pytest.approx(2.0 * (0.09 + 0.01 + 0.01 + 0.09) / 4)
     assert flops_loss(r, 0.5, balance=0.5).item() == pytest.approx(0.05)
     flops_loss(r, 0.5, balance=1.0).backward()  # pushes the starved quarter up and the rich one down
