@@ -34,11 +34,15 @@ dydit finetune $A/fmnist_dit --out runs/fmnist-tdw-0.5 --target 0.5 --no-tokens 
 dydit finetune $A/fmnist_dit --out runs/fmnist-sdt-0.5 --target 0.5 --no-width $FT
 dydit finetune $A/fmnist_dit --out runs/fmnist-blockskip-0.5 --target 0.5 --block-skip --no-width --no-tokens $FT
 dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.3 --target 0.3 $FT
-# Issue-4 attempts at the λ=0.5 FID gap (neither helped; docs/RESULTS.md): a per-quarter FLOPs balance
+# Issue-4 attempts at the λ=0.5 FID gap (the first two did not help; docs/RESULTS.md): a per-quarter FLOPs balance
 # (scored in step 4), and a frozen plan for the last 40% with damped feedback (1,000-sample screen only).
 dydit finetune $A/fmnist_dit --out runs/e3-balance --target 0.5 $FT --flops-balance 1.0
 dydit finetune $A/fmnist_dit --out runs/e1-freeze --target 0.5 $FT --freeze-routers 0.4 --feedback-gain 0.5
-for m in runs/e1-freeze/ema $A/fmnist_dydit_0.5; do
+# and the best so far, not shipped yet: a 30-step λ ramp without the complete-model warm-up.
+dydit finetune $A/fmnist_dit --out runs/e4-shortramp --target 0.5 --steps 300 --batch-size 128 --ramp-steps 30 \
+  --warmup-steps 0 --ckpt-every 100 --seed 0 --lr 3e-4
+dydit eval runs/e4-shortramp/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64
+for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
 done
 
