@@ -45,6 +45,10 @@ dydit eval runs/e4-shortramp/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 -
 for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
 done
+# The plans that docs/RESULTS.md describes (tokens kept, widths per step and block).
+for m in $A/fmnist_dydit_0.5 runs/fmnist-sdt-0.5/ema runs/e3-balance/ema runs/e1-freeze/ema runs/e4-shortramp/ema; do
+  dydit plan $m --out runs/plans/$(echo $m | tr '/' '_') --steps 20 --num-images 10
+done
 
 # 4. B1 + B3: every row on 5,000 samples (DDIM 20 steps, CFG 4, seed 0), then one interleaved timing
 #    pass; table + plot. --resume keeps rows already scored with the same weights and settings.

@@ -172,6 +172,7 @@ def test_flops_ratio_counts_active_fraction():
 
 
 def test_balanced_flops_loss_penalises_each_trajectory_quarter():
+    from dydit.assets import default_model_path
     from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
     from dydit.dynamic.loss import flops_loss
 
@@ -184,8 +185,6 @@ def test_balanced_flops_loss_penalises_each_trajectory_quarter():
     assert flops_loss(r, 0.5, balance=0.5).item() == pytest.approx(0.05)
     flops_loss(r, 0.5, balance=1.0).backward()  # pushes the starved quarter up and the rich one down
     assert r.grad[0] < 0 < r.grad[-1]
-    from dydit.assets import default_model_path
-
     model = dynamize(dydit.load(default_model_path()))
     with pytest.raises(ValueError, match="stratified"):
         FinetuneTask(model, FinetuneConfig(flops_balance=1.0, stratified=False))

@@ -158,8 +158,7 @@ def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float
     import torch
 
     from dydit.cli_eval import prepare_sampling
-    from dydit.sampling import default_sampler
-    from dydit.sampling import sample
+    from dydit.sampling import default_sampler, sample
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -199,8 +199,7 @@ def calibrate(
         raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     try:
         result = run_calibration(model, target, sampler or default_sampler(model), steps, cfg_scale, num_images,
-                                 tol=tol, seed=seed,
-                                 knob=knob, context_factory=factory, log=typer.echo)
+                                 tol=tol, seed=seed, knob=knob, context_factory=factory, log=typer.echo)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _report_calibration(result)
