@@ -166,3 +166,53 @@ def test_damped_feedback_moves_the_correction_part_of_the_way():
     task.after_step(2, model, ema, logs)
     gap = logs["inference_ratio"] - 0.45
     assert task.offset == pytest.approx(max(-0.25, min(0.25, 0.1 + 0.5 * gap)))
+
+
+def test_distillation_regresses_the_static_model_on_the_same_inputs_and_dropped_labels():
+    import copy
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    static = dydit.load(default_model_path())
+    static.y_embedder.dropout_prob = 0.5  # many dropped labels: a teacher that saw other labels would differ
+    teacher = copy.deepcopy(static)
+    model = dynamize(static).train()  # reordered heads and channels, all on: the static function
+    # a frozen plan from step 0 runs the eval masks, so student and teacher compute the same function
+    cfg = FinetuneConfig(target=0.5, total_steps=4, ramp_steps=0, warmup_steps=0, freeze_routers=1.0,
+                         distill=1.0, data_weight=0.0)
+    task = FinetuneTask(model, cfg, teacher=teacher)
+    assert not any(p.requires_grad for p in task.teacher.parameters()) and not task.teacher.training
+    c = model.config
+    x = torch.randn(32, c.in_channels, c.input_size, c.input_size)
+    y = torch.arange(32) % c.num_classes
+    torch.manual_seed(0)
+    loss, logs = task.loss(model, x, y, 0, torch.Generator().manual_seed(0))
+    assert logs["distill_loss"] < 1e-10 and loss.item() < 1e-10  # data_weight 0: nothing else counts
+    with torch.no_grad():  # a student that moved away is pulled back, on every output channel
+        model.final_layer.linear.bias.add_(0.1)
+    loss, logs = task.loss(model, x, y, 0, torch.Generator().manual_seed(0))
+    assert logs["distill_loss"] == pytest.approx(0.01, rel=1e-4)
+    loss.backward()
+    assert model.final_layer.linear.bias.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="teacher"):
+        FinetuneTask(model, FinetuneConfig(distill=1.0))
+    with pytest.raises(ValueError, match="data_weight=0"):
+        FinetuneTask(model, FinetuneConfig(data_weight=0.0))
+
+
+def test_finetune_cli_distills_from_its_init(tmp_path):
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    out = tmp_path / "kd"
+    args = ["finetune", str(default_model_path()), "--out", str(out), "--steps", "2", "--batch-size", "8",
+            "--limit-data", "32", "--ramp-steps", "1", "--warmup-steps", "0", "--ckpt-every", "2",
+            "--no-calibrate", "--feedback-every", "0"]
+    res = CliRunner().invoke(app, args + ["--distill", "1", "--data-weight", "0"])
+    assert res.exit_code == 0, res.output
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logs and all(r["distill_loss"] > 0 for r in logs)
+    assert json.loads((out / "finetune.json").read_text())["finetune"]["distill"] == 1.0
+    res = CliRunner().invoke(app, args + ["--data-weight", "0"])
+    assert res.exit_code != 0 and "data_weight=0" in res.output

@@ -66,6 +66,10 @@ def finetune(
                                         "target correction (< 1 damps it)"),
     freeze_routers: float = typer.Option(0.0, help="fix the plan for this final share of the steps: the routers stop, "
                                          "the masks are the inference ones and the backbone adapts to them"),
+    distill: float = typer.Option(0.0, help="weight of an output-distillation loss toward the frozen static INIT "
+                                  "(not in the paper; costs one extra forward of the static model per step)"),
+    data_weight: float = typer.Option(1.0, help="weight of the backbone's own diffusion or flow loss (0 with "
+                                      "--distill: learn from the static model only)"),
     calib_images: int = typer.Option(100, help="images sampled per calibration measurement (class-balanced)"),
     peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
                              "timestep-mixed LoRA experts train; lora: the same with one expert"),
@@ -127,7 +131,11 @@ def finetune(
     peft_info = {"peft": peft, "td_lora": lora_cfg.to_dict()} if lora_cfg is not None else {}
     summary = {"finetune": ft.to_dict(), "init": init, **peft_info, **({"prune_static": info} if prune_static else {})}
     (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
-    task = FinetuneTask(model, ft)
+    teacher = dydit.load(init) if distill > 0 else None  # the static function, before pruning or routing
+    try:
+        task = FinetuneTask(model, ft, teacher=teacher)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if lora_cfg is not None:
         from dydit.peft import save_adapters, td_lora_fast_context
 

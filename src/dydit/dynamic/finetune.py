@@ -36,13 +36,19 @@ class FinetuneConfig:
     feedback_cfg: float = 4.0  # its guidance scale
     feedback_gain: float = 1.0  # share of each measured gap applied to the correction (< 1: damped)
     freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
+    distill: float = 0.0  # weight of ‖f_dynamic − f_static‖², output distillation from the frozen static model
+    data_weight: float = 1.0  # weight of the backbone's own diffusion or flow loss
 
     def to_dict(self):
         return asdict(self)
 
 
 class FinetuneTask:
-    """Loss = L(dynamic) + [warm-up] L(complete) + w·(mean_b r_b − λ_t)².
+    """Loss = L(dynamic) + [warm-up] L(complete) + w·(mean_b r_b − λ_t)² [+ d·‖f_dynamic − f_static‖²].
+
+    Distillation (``distill`` = d > 0, not in the paper; needs ``teacher``, the static model the fine-tune
+    starts from, kept frozen): on the same x_t, t and labels (the same dropped ones too), the dynamic
+    model also regresses the static model's output, a lower-variance target than the sampled noise.
 
     Inference-ratio feedback: the FLOPs loss sees training inputs (x_t from q(x_t | x_0)), but the
     engine runs the sampler's own trajectory through the EMA backbone, where the same routers keep more
@@ -54,7 +60,7 @@ class FinetuneTask:
 
     find_unused_parameters = True
 
-    def __init__(self, model, cfg: FinetuneConfig):
+    def __init__(self, model, cfg: FinetuneConfig, teacher=None):
         from dydit.diffusion.flow import FlowMatching
         from dydit.diffusion.gaussian import GaussianDiffusion
 
@@ -62,7 +68,18 @@ class FinetuneTask:
             raise ValueError("flops_balance needs stratified timesteps (the quarters are the batch's strata)")
         if not 0.0 <= cfg.flops_balance <= 1.0:
             raise ValueError(f"flops_balance is a share in [0, 1], got {cfg.flops_balance}")
+        if cfg.distill < 0 or cfg.data_weight < 0:
+            raise ValueError(f"loss weights must be ≥ 0, got distill={cfg.distill}, data_weight={cfg.data_weight}")
+        if cfg.distill > 0 and teacher is None:
+            raise ValueError("distill > 0 needs the static model as teacher (FinetuneTask(model, cfg, teacher=...))")
+        if cfg.distill == 0 and cfg.data_weight == 0:
+            raise ValueError("data_weight=0 leaves only the FLOPs loss: set distill > 0, or keep data_weight")
         self.cfg = cfg
+        self.teacher = None
+        if cfg.distill > 0:
+            self.teacher = teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         obj = model.config.objective
         self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
         self.spec = flops_spec(model)
@@ -85,16 +102,31 @@ class FinetuneTask:
         frozen = self.frozen(step)
         # frozen plan: the eval masks (no gradient reaches the routers), the backbone adapts to them
         ctx = DynamicContext("masked") if frozen else DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
-        terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y, dyn=ctx), x, t, noise)
+        seen, drop = {}, None
+        if self.teacher is not None:  # draw the label dropout here, so that the teacher sees the same labels
+            p = getattr(model, "module", model).y_embedder.dropout_prob
+            drop = (torch.rand(B, device=y.device) < p).long() if p > 0 else None
+
+        def student(xt, mt):
+            seen.update(xt=xt, mt=mt)
+            seen["out"] = model(xt, mt, y, dyn=ctx, force_drop_ids=drop) if drop is not None else model(xt, mt, y, dyn=ctx)
+            return seen["out"]
+
+        terms = self.process.training_losses(student, x, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
         if step >= self.cfg.ramp_steps and not frozen:
             self._acc[0] += ratio.mean().item()
             self._acc[1] += 1
-        loss = terms["loss"].mean() + f_loss
-        logs = {"loss": loss.item(), "diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
+        loss = self.cfg.data_weight * terms["loss"].mean() + f_loss
+        logs = {"diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
                 "flops_ratio": ratio.mean().item(), "target": lam, "noise": ctx.noise}
+        if self.teacher is not None:
+            kd = self.distill_loss(seen["xt"], seen["mt"], y, drop, seen["out"])
+            loss = loss + self.cfg.distill * kd
+            logs["distill_loss"] = kd.item()
+        logs["loss"] = loss.item()
         if self.inference_ratio is not None:  # the latest feedback, on every logged step
             logs.update(inference_ratio=self.inference_ratio, target_offset=self.offset)
         if step < self.cfg.warmup_steps:
@@ -104,6 +136,14 @@ class FinetuneTask:
             loss = loss + complete["loss"].mean()
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
+
+    def distill_loss(self, xt, mt, y, drop, out):
+        """Mean squared distance of the dynamic output to the frozen static model's, on every output channel."""
+        if next(self.teacher.parameters()).device != xt.device:
+            self.teacher.to(xt.device)
+        with torch.no_grad():
+            ref = self.teacher(xt, mt, y, force_drop_ids=drop) if drop is not None else self.teacher(xt, mt, y)
+        return ((out.float() - ref.float()) ** 2).mean()
 
     def target_at(self, step: int) -> float:
         """λ_t of the FLOPs loss: the ramp, corrected by the inference-ratio feedback."""

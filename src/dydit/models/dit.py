@@ -181,20 +181,21 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x, t, y):
+    def embed(self, x, t, y, force_drop_ids=None):
         """Returns tokens (B, N, D), conditioning c = E_t + E_y (B, D) and E_t (B, D)."""
         x = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
-        y_emb = self.y_embedder(y, self.training)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)
         return x, t_emb + y_emb, t_emb
 
-    def forward(self, x, t, y, dyn=None, cache=None):
+    def forward(self, x, t, y, dyn=None, cache=None, force_drop_ids=None):
         """x: (B, C, H, W); t: (B,) timesteps in the backbone's units; y: (B,) labels.
 
         ``dyn`` is a :class:`dydit.dynamic.DynamicContext` selecting how routed blocks run
         (training masks, masked reference, or the fast inference plan); None runs the static network.
         ``cache`` (e.g. :class:`dydit.cache.FirstBlockCache`) runs the block loop and may reuse work
-        across sampling steps; None runs every block.
+        across sampling steps; None runs every block. ``force_drop_ids`` (B,), 1 = null label, replaces
+        the random label dropout of training (the official DiT's LabelEmbedder argument).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -203,7 +204,7 @@ class DiT(nn.Module):
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        tokens, c, t_emb = self.embed(x, t, y)
+        tokens, c, t_emb = self.embed(x, t, y, force_drop_ids)
         if dyn is not None:
             dyn.begin_forward(self, t, t_emb)
         if cache is not None:
