@@ -55,6 +55,15 @@ def parse_row(text: str) -> Row:
     return row
 
 
+def _routing_note(path) -> str:
+    """What a shipped DyDiT routes, from its config: "TDW + SDT", "TDW only" or "SDT only"."""
+    dyn = json.loads((Path(path) / "config.json").read_text()).get("dynamic") or {}
+    parts = [name for key, name in (("width", "TDW"), ("tokens", "SDT")) if dyn.get(key)]
+    if not parts:
+        return "block skip" if dyn.get("block_skip") else "dynamic"
+    return " + ".join(parts) if len(parts) != 1 else f"{parts[0]} only"
+
+
 def default_rows(steps: int, fbcache: float) -> list[Row]:
     """The rows that the shipped models support: static, fewer steps, DyDiT, caching alone and stacked."""
     from dydit.assets import ASSETS_DIR, default_model_path
@@ -64,7 +73,7 @@ def default_rows(steps: int, fbcache: float) -> list[Row]:
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
         if p.exists():
-            rows.append(Row(f"DyDiT λ={lam}", str(p), note="TDW + SDT"))
+            rows.append(Row(f"DyDiT λ={lam}", str(p), note=_routing_note(p)))
     for frac in (0.7, 0.5):
         n = max(1, round(steps * frac))
         rows.append(Row(f"static, {n} steps", base, steps=n, note=f"fewer sampling steps (~{frac:.0%} compute)"))
