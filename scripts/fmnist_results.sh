@@ -42,7 +42,21 @@ dydit finetune $A/fmnist_dit --out runs/e1-freeze --target 0.5 $FT --freeze-rout
 dydit finetune $A/fmnist_dit --out runs/e4-shortramp --target 0.5 --steps 300 --batch-size 128 --ramp-steps 30 \
   --warmup-steps 0 --ckpt-every 100 --seed 0 --lr 3e-4
 dydit eval runs/e4-shortramp/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64
-for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5; do
+# Session 10 attempts, all with the short ramp (1,000-sample screens below): output distillation from the
+# static model (with and without the data loss), per-quarter balance on TDW only, a lower router LR, and
+# TDW only with a frozen plan for the last 50% / 80%.
+SR="--steps 300 --batch-size 128 --ramp-steps 30 --warmup-steps 0 --ckpt-every 100 --seed 0 --lr 3e-4"
+dydit finetune $A/fmnist_dit --out runs/e5-distill --target 0.5 $SR --distill 1
+dydit finetune $A/fmnist_dit --out runs/e6-kd --target 0.5 $SR --distill 1 --data-weight 0
+dydit finetune $A/fmnist_dit --out runs/e7-tdw-bal1 --target 0.5 $SR --no-tokens --flops-balance 1
+dydit finetune $A/fmnist_dit --out runs/e8-tdw-bal05 --target 0.5 $SR --no-tokens --flops-balance 0.5
+dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR --router-lr 0.01
+dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.5
+dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.8
+dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR --no-tokens --freeze-routers 0.8
+for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5 runs/e5-distill/ema runs/e6-kd/ema \
+         runs/e7-tdw-bal1/ema runs/e8-tdw-bal05/ema runs/e9-rlr01/ema runs/e10-tdw-freeze/ema \
+         runs/e11-tdw-freeze08/ema runs/e12-tdw-freeze08-rlr03/ema; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
 done
 # The plans that docs/RESULTS.md describes (tokens kept, widths per step and block).

@@ -216,3 +216,42 @@ def test_finetune_cli_distills_from_its_init(tmp_path):
     assert json.loads((out / "finetune.json").read_text())["finetune"]["distill"] == 1.0
     res = CliRunner().invoke(app, args + ["--data-weight", "0"])
     assert res.exit_code != 0 and "data_weight=0" in res.output
+
+
+def test_frozen_time_embedder_fixes_the_width_plan_in_the_live_and_the_ema_model():
+    import copy
+    from types import SimpleNamespace
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded().train()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        ema.t_embedder.mlp[0].bias.add_(1.0)  # the EMA lags the live embedder
+    cfg = FinetuneConfig(target=0.5, total_steps=10, ramp_steps=2, warmup_steps=0, freeze_routers=0.4,
+                         freeze_time_embed=True, feedback_every=0)
+    task = FinetuneTask(model, cfg)
+    opt = task.configure_optimizer(model, SimpleNamespace(lr=1e-3, weight_decay=0.01))
+    group = next(g for g in opt.param_groups if g.get("name") == "time_embed")
+    task.after_step(5, model, ema, {})
+    assert group["lr_scale"] == 1.0 and not torch.equal(ema.t_embedder.mlp[0].bias, model.t_embedder.mlp[0].bias)
+    task.after_step(6, model, ema, {})  # the freeze: the EMA takes the live embedder, both stop
+    assert group["lr_scale"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(ema.t_embedder.parameters(), model.t_embedder.parameters()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for g in opt.param_groups:  # what the training loop does each step
+        g["lr"] = 1e-3 * g["lr_scale"]
+    c = model.config
+    x, y = torch.randn(4, c.in_channels, c.input_size, c.input_size), torch.arange(4)
+    loss, _ = task.loss(model, x, y, 6, torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("t_embedder."))
+    assert not torch.equal(before["final_layer.linear.weight"], after["final_layer.linear.weight"])
+    resumed = FinetuneTask(model, cfg)  # a resume restores the stopped group from the optimizer state
+    opt2 = resumed.configure_optimizer(model, SimpleNamespace(lr=1e-3, weight_decay=0.01))
+    opt2.load_state_dict(opt.state_dict())
+    assert next(g for g in opt2.param_groups if g.get("name") == "time_embed")["lr_scale"] == 0.0
+    with pytest.raises(ValueError, match="freeze_routers"):
+        FinetuneTask(model, FinetuneConfig(freeze_time_embed=True))

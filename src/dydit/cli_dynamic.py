@@ -66,6 +66,8 @@ def finetune(
                                         "target correction (< 1 damps it)"),
     freeze_routers: float = typer.Option(0.0, help="fix the plan for this final share of the steps: the routers stop, "
                                          "the masks are the inference ones and the backbone adapts to them"),
+    freeze_time_embed: bool = typer.Option(False, help="with --freeze-routers: fix the timestep embedder too, in the "
+                                           "live and the EMA model, so the width plan cannot drift while frozen"),
     distill: float = typer.Option(0.0, help="weight of an output-distillation loss toward the frozen static INIT "
                                   "(not in the paper; costs one extra forward of the static model per step)"),
     data_weight: float = typer.Option(1.0, help="weight of the backbone's own diffusion or flow loss (0 with "

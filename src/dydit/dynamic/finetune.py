@@ -36,6 +36,7 @@ class FinetuneConfig:
     feedback_cfg: float = 4.0  # its guidance scale
     feedback_gain: float = 1.0  # share of each measured gap applied to the correction (< 1: damped)
     freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
+    freeze_time_embed: bool = False  # with freeze_routers: fix the timestep embedder too (live and EMA), the width routers' input
     distill: float = 0.0  # weight of ‖f_dynamic − f_static‖², output distillation from the frozen static model
     data_weight: float = 1.0  # weight of the backbone's own diffusion or flow loss
 
@@ -64,6 +65,8 @@ class FinetuneTask:
         from dydit.diffusion.flow import FlowMatching
         from dydit.diffusion.gaussian import GaussianDiffusion
 
+        if cfg.freeze_time_embed and cfg.freeze_routers <= 0:
+            raise ValueError("freeze_time_embed fixes the plan together with freeze_routers: set freeze_routers > 0")
         if cfg.flops_balance and not cfg.stratified:
             raise ValueError("flops_balance needs stratified timesteps (the quarters are the batch's strata)")
         if not 0.0 <= cfg.flops_balance <= 1.0:
@@ -92,8 +95,14 @@ class FinetuneTask:
         base = [p for p in model.parameters() if p.requires_grad and id(p) not in routers]
         rparams = [p for p in model.parameters() if p.requires_grad and id(p) in routers]
         scale = (self.cfg.router_lr / train_cfg.lr) if self.cfg.router_lr else 1.0
-        groups = [{"params": base, "lr_scale": 1.0}, {"params": rparams, "lr_scale": scale}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        inner = getattr(model, "module", model)
+        temb = {id(p) for p in inner.t_embedder.parameters()} if self.cfg.freeze_time_embed else set()
+        groups = [{"params": [p for p in base if id(p) not in temb], "lr_scale": 1.0},
+                  {"params": [p for p in base if id(p) in temb], "lr_scale": 1.0, "name": "time_embed"},
+                  {"params": rparams, "lr_scale": scale}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self._opt = opt  # its groups are replaced when a resume loads the optimizer state
+        return opt
 
     def loss(self, model, x, y, step, gen):
         B = len(x)
@@ -151,7 +160,19 @@ class FinetuneTask:
 
     @torch.no_grad()
     def after_step(self, step: int, model, ema, logs: dict):
-        """Feedback (see the class doc): measure the realised inference ratio, update the correction."""
+        """Feedback (see the class doc): measure the realised inference ratio, update the correction.
+
+        With ``freeze_time_embed``, at the freeze the EMA takes the live timestep embedder and both stop
+        (learning rate 0 from the next step): the width masks are a function of t_emb, so a training
+        embedder would move the plan that the backbone trains on, and the EMA's plan with it.
+        """
+        opt = getattr(self, "_opt", None)
+        group = next((g for g in opt.param_groups if g.get("name") == "time_embed"), None) if opt else None
+        if group is not None and self.frozen(step):
+            if group["lr_scale"] != 0.0:
+                inner = getattr(model, "module", model)
+                ema.t_embedder.load_state_dict(inner.t_embedder.state_dict())
+            group["lr_scale"] = 0.0
         every = self.cfg.feedback_every
         if not every or step < self.cfg.ramp_steps or step % every or self._acc[1] == 0 or self.frozen(step):
             return
