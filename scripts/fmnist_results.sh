@@ -54,6 +54,11 @@ dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR --router-lr 0.
 dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.5
 dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.8
 dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR --no-tokens --freeze-routers 0.8
+# trained, not yet scored: the frozen plan with the timestep embedder fixed too
+dydit finetune $A/fmnist_dit --out runs/e13-tdw-freeze-temb --target 0.5 $SR --router-lr 0.01 --no-tokens \
+  --freeze-routers 0.5 --freeze-time-embed
+dydit finetune $A/fmnist_dit --out runs/e14-tdw-freeze07-temb --target 0.5 $SR --router-lr 0.01 --no-tokens \
+  --freeze-routers 0.7 --freeze-time-embed
 for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5 runs/e5-distill/ema runs/e6-kd/ema \
          runs/e7-tdw-bal1/ema runs/e8-tdw-bal05/ema runs/e9-rlr01/ema runs/e10-tdw-freeze/ema \
          runs/e11-tdw-freeze08/ema runs/e12-tdw-freeze08-rlr03/ema; do

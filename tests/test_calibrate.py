@@ -255,3 +255,32 @@ def test_frozen_time_embedder_fixes_the_width_plan_in_the_live_and_the_ema_model
     assert next(g for g in opt2.param_groups if g.get("name") == "time_embed")["lr_scale"] == 0.0
     with pytest.raises(ValueError, match="freeze_routers"):
         FinetuneTask(model, FinetuneConfig(freeze_time_embed=True))
+
+
+def test_calibration_at_the_freeze_sets_the_plan_the_backbone_then_trains_on():
+    import copy
+
+    from dydit.dynamic.convert import router_parameters
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded().train()
+    ema = copy.deepcopy(model).eval()
+    target = round(measure_ratio(ema, **FAST) - 0.1, 2)
+    cfg = FinetuneConfig(target=target, total_steps=10, ramp_steps=2, warmup_steps=0, freeze_routers=0.4,
+                         calibrate_at_freeze=True, feedback_every=0, feedback_steps=FAST["steps"],
+                         calib_images=FAST["num_images"])
+    task = FinetuneTask(model, cfg)
+    routers = [p.clone() for p in router_parameters(model)]
+    task.after_step(5, model, ema, {})  # before the freeze: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(routers, router_parameters(model)))
+    logs = {}
+    task.after_step(6, model, ema, logs)  # the first frozen step is next: calibrate now
+    assert abs(logs["calibrated_ratio"] - target) <= 0.01, logs
+    assert logs["calibration_shift"] != 0.0
+    assert all(torch.equal(a, b) for a, b in zip(router_parameters(model), router_parameters(ema)))
+    assert measure_ratio(ema, **FAST) == pytest.approx(logs["calibrated_ratio"])
+    shifted = [p.clone() for p in router_parameters(model)]
+    task.after_step(7, model, ema, {})  # once only
+    assert all(torch.equal(a, b) for a, b in zip(shifted, router_parameters(model)))
+    with pytest.raises(ValueError, match="freeze_routers"):
+        FinetuneTask(model, FinetuneConfig(calibrate_at_freeze=True))

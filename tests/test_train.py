@@ -53,7 +53,7 @@ def _tiny_model():
 
 def _config(out) -> dict:
     return dict(out=str(out), steps=STEPS, batch_size=32, limit_data=256, log_every=1, ckpt_every=CKPT_EVERY,
-                sample_every=0, warmup_steps=3, threads=1, seed=0)
+                sample_every=0, warmup_steps=3, lr_schedule="cosine", threads=1, seed=0)
 
 
 def _log_by_step(path) -> dict[int, dict]:
@@ -109,6 +109,21 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
 
     assert isinstance(dydit.load(out / "checkpoint.pt"), torch.nn.Module)
     assert isinstance(dydit.load(out / "ema"), torch.nn.Module)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from dydit.train import _lr_at
+
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    lrs = [_lr_at(cfg, s) for s in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(5e-4)  # half-way through the decay
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert 0 < lrs[-1] < 1e-6
+    assert _lr_at(TrainConfig(steps=100, lr=1e-3, warmup_steps=0), 99) == 1e-3  # constant stays constant
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(TrainConfig(lr_schedule="linear", steps=1), model=_tiny_model(), progress=False)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

@@ -25,6 +25,8 @@ def train(
     batch_size: int = typer.Option(128, help="global batch size"),
     lr: float = typer.Option(3e-4, help="AdamW learning rate"),
     warmup_steps: int = typer.Option(200, help="linear lr warm-up steps"),
+    lr_schedule: str = typer.Option("constant", help="learning rate after any warm-up: constant, or cosine "
+                                    "(decays to ~0 at the last step)"),
     ema_decay: float = typer.Option(0.999, help="EMA decay"),
     grad_clip: float = typer.Option(1.0, help="gradient-norm clip (0: off)"),
     bf16: bool = typer.Option(False, help="bf16 autocast"),
@@ -39,7 +41,10 @@ def train(
 ):
     """Train a static DiT or SiT (Fashion-MNIST by default); runs under torchrun for DDP."""
     args = dict(locals())
-    from dydit.train import TrainConfig, train as run_train
+    from dydit.train import LR_SCHEDULES, TrainConfig, train as run_train
+
+    if lr_schedule not in LR_SCHEDULES:
+        raise typer.BadParameter(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
 
     _setup_logging()
     run_train(TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args}))

@@ -40,6 +40,8 @@ def finetune(
     steps: int = typer.Option(300, help="optimizer steps"),
     batch_size: int = typer.Option(128, help="global batch size"),
     lr: float = typer.Option(1e-4, help="learning rate of the backbone"),
+    lr_schedule: str = typer.Option("constant", help="learning rate after any warm-up: constant, or cosine "
+                                    "(decays to ~0 at the last step)"),
     ema_decay: float = typer.Option(0.99, help="EMA decay"),
     grad_skip: float = typer.Option(100.0, help="skip updates whose gradient norm exceeds this"),
     bf16: bool = typer.Option(False, help="bf16 autocast"),
@@ -68,6 +70,9 @@ def finetune(
                                          "the masks are the inference ones and the backbone adapts to them"),
     freeze_time_embed: bool = typer.Option(False, help="with --freeze-routers: fix the timestep embedder too, in the "
                                            "live and the EMA model, so the width plan cannot drift while frozen"),
+    calibrate_at_freeze: bool = typer.Option(False, help="with --freeze-routers: calibrate the plan to λ at the freeze "
+                                             "(as the final calibration does), so the backbone trains on the plan "
+                                             "that ships"),
     distill: float = typer.Option(0.0, help="weight of an output-distillation loss toward the frozen static INIT "
                                   "(not in the paper; costs one extra forward of the static model per step)"),
     data_weight: float = typer.Option(1.0, help="weight of the backbone's own diffusion or flow loss (0 with "
@@ -87,10 +92,12 @@ def finetune(
     from dydit.dynamic import DynamicConfig, dynamize
     from dydit.dynamic.convert import copy_routers
     from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
-    from dydit.train import TrainConfig, dist_info, train
+    from dydit.train import LR_SCHEDULES, TrainConfig, dist_info, train
 
     if not 0.0 < target <= 1.0:
         raise typer.BadParameter(f"--target must be in (0, 1], got {target}; it is a share of the static FLOPs")
+    if lr_schedule not in LR_SCHEDULES:
+        raise typer.BadParameter(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if peft not in _PEFT:
         raise typer.BadParameter(f"--peft must be one of {_PEFT}, got {peft!r}")
     model = dydit.load(init)

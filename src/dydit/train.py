@@ -37,6 +37,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch size (split across processes)
     lr: float = 3e-4  # AdamW learning rate
     warmup_steps: int = 200  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" (half a cosine, down to ~0 at the last step)
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0  # clip the gradient norm to this (0 disables)
@@ -163,9 +164,15 @@ class StaticTask:
 # ---------------------------------------------------------------------------------------------
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
     return cfg.lr
 
 
@@ -188,6 +195,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
 

@@ -1,6 +1,7 @@
 """`dydit finetune`: the DyDiT training task plugged into the shared training loop."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,8 @@ class FinetuneConfig:
     feedback_gain: float = 1.0  # share of each measured gap applied to the correction (< 1: damped)
     freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
     freeze_time_embed: bool = False  # with freeze_routers: fix the timestep embedder too (live and EMA), the width routers' input
+    calibrate_at_freeze: bool = False  # with freeze_routers: calibrate the plan to λ at the freeze, so the backbone trains on it
+    calib_images: int = 100  # images per calibration measurement (calibrate_at_freeze)
     distill: float = 0.0  # weight of ‖f_dynamic − f_static‖², output distillation from the frozen static model
     data_weight: float = 1.0  # weight of the backbone's own diffusion or flow loss
 
@@ -67,6 +70,8 @@ class FinetuneTask:
 
         if cfg.freeze_time_embed and cfg.freeze_routers <= 0:
             raise ValueError("freeze_time_embed fixes the plan together with freeze_routers: set freeze_routers > 0")
+        if cfg.calibrate_at_freeze and cfg.freeze_routers <= 0:
+            raise ValueError("calibrate_at_freeze calibrates the plan that freeze_routers fixes: set freeze_routers > 0")
         if cfg.flops_balance and not cfg.stratified:
             raise ValueError("flops_balance needs stratified timesteps (the quarters are the batch's strata)")
         if not 0.0 <= cfg.flops_balance <= 1.0:
@@ -173,6 +178,8 @@ class FinetuneTask:
                 inner = getattr(model, "module", model)
                 ema.t_embedder.load_state_dict(inner.t_embedder.state_dict())
             group["lr_scale"] = 0.0
+        if self.cfg.calibrate_at_freeze and step == self.freeze_step():
+            self.calibrate_plan(model, ema, logs)
         every = self.cfg.feedback_every
         if not every or step < self.cfg.ramp_steps or step % every or self._acc[1] == 0 or self.frozen(step):
             return
@@ -194,6 +201,34 @@ class FinetuneTask:
         self.offset = max(-0.25, min(0.25, (1.0 - g) * self.offset + g * gap))  # bounded
         self._acc = [0.0, 0]
         logs.update(inference_ratio=self.inference_ratio, train_ratio_window=train_ratio, target_offset=self.offset)
+
+    @torch.no_grad()
+    def calibrate_plan(self, model, ema, logs: dict):
+        """At the freeze: shift the router thresholds until the plan realises λ on the inference sampler
+        (``dydit calibrate`` on the EMA backbone with the live routers), in the live model and the EMA, so
+        that the backbone's remaining steps train on the plan that ships, not on one that calibration
+        after training would move."""
+        import torch.distributed as dist
+
+        from dydit.dynamic.calibrate import calibrate
+        from dydit.dynamic.convert import copy_routers
+        from dydit.sampling import default_sampler
+
+        inner = getattr(model, "module", model)
+        copy_routers(inner, ema)
+        sampler = self.cfg.feedback_sampler or default_sampler(ema)
+        try:
+            result = calibrate(ema, self.cfg.target, sampler, self.cfg.feedback_steps, self.cfg.feedback_cfg,
+                               self.cfg.calib_images, context_factory=self.feedback_context)
+        except ValueError as e:  # λ out of the thresholds' reach: train on the plan as it is
+            logging.getLogger(__name__).warning("calibration at the freeze skipped: %s", e)
+            return
+        if dist.is_available() and dist.is_initialized():  # every rank trains on rank 0's plan
+            for p in router_parameters(ema):
+                dist.broadcast(p.data, src=0)
+        copy_routers(ema, inner)
+        self.inference_ratio = result.ratio_after
+        logs.update(calibrated_ratio=result.ratio_after, calibration_shift=result.shift)
 
     feedback_context = None  # TD-LoRA sets a context factory that merges its adapters
 
