@@ -13,11 +13,19 @@ dydit train --model DiT-FMNIST --out runs/fmnist-base --steps 2000 --batch-size 
   --warmup-steps 100 --ema-decay 0.995 --ckpt-every 200 --sample-every 500 --seed 0
 rm -rf $A/fmnist_dit && cp -r runs/fmnist-base/ema $A/fmnist_dit
 
-# 2. DyDiT at λ = 0.5 and 0.7: 300 steps each (15% of the base run's 2000), ~8 min each alone.
-#    The shipped λ=0.5 ran before the feedback default became 20 images, hence --feedback-images 16.
-dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --feedback-images 16
+# 2. DyDiT at λ = 0.7 and 0.5: 300 steps each (15% of the base run's 2000), ~8 min each alone.
+#    λ = 0.7: the original recipe (100-step ramp after a 50-step complete-model warm-up).
+#    λ = 0.5: the session-11 recipe (30-step ramp, no warm-up, router LR 0.01, TDW only, the plan frozen
+#    for the last half), seed 1 of the three seeds run (seeds 0 and 2 are e10 and e20 in step 3b).
+#    Until session 11 the shipped λ=0.5 was runs/fmnist-dydit-0.5 (the original recipe, --feedback-images 16).
+SR="--steps 300 --batch-size 128 --ramp-steps 30 --warmup-steps 0 --ckpt-every 100 --lr 3e-4"
 dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.7 --target 0.7 $FT
-for lam in 0.5 0.7; do rm -rf $A/fmnist_dydit_$lam && cp -r runs/fmnist-dydit-$lam/ema $A/fmnist_dydit_$lam; done
+dydit finetune $A/fmnist_dit --out runs/e17-e10-seed1 --target 0.5 $SR --seed 1 --router-lr 0.01 --no-tokens \
+  --freeze-routers 0.5
+dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --feedback-images 16
+rm -rf $A/fmnist_dydit_0.7 && cp -r runs/fmnist-dydit-0.7/ema $A/fmnist_dydit_0.7
+rm -rf $A/fmnist_dydit_0.5 && cp -r runs/e17-e10-seed1/ema $A/fmnist_dydit_0.5
+for lam in 0.5 0.7; do dydit plan $A/fmnist_dydit_$lam --steps 20 --num-images 20 --out docs/results/plan_$lam; done
 
 # 3. TD-LoRA and plain LoRA at λ = 0.5, the same 300 steps (issue 6), and two B3 baselines: static
 #    magnitude pruning + fine-tune, and the static model + the same extra fine-tune.
@@ -45,27 +53,47 @@ dydit eval runs/e4-shortramp/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 -
 # Session 10 attempts, all with the short ramp (1,000-sample screens below): output distillation from the
 # static model (with and without the data loss), per-quarter balance on TDW only, a lower router LR, and
 # TDW only with a frozen plan for the last 50% / 80%.
-SR="--steps 300 --batch-size 128 --ramp-steps 30 --warmup-steps 0 --ckpt-every 100 --seed 0 --lr 3e-4"
-dydit finetune $A/fmnist_dit --out runs/e5-distill --target 0.5 $SR --distill 1
-dydit finetune $A/fmnist_dit --out runs/e6-kd --target 0.5 $SR --distill 1 --data-weight 0
-dydit finetune $A/fmnist_dit --out runs/e7-tdw-bal1 --target 0.5 $SR --no-tokens --flops-balance 1
-dydit finetune $A/fmnist_dit --out runs/e8-tdw-bal05 --target 0.5 $SR --no-tokens --flops-balance 0.5
-dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR --router-lr 0.01
-dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.5
-dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 --target 0.5 $SR --router-lr 0.01 --no-tokens --freeze-routers 0.8
-dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR --no-tokens --freeze-routers 0.8
-# trained, not yet scored: the frozen plan with the timestep embedder fixed too
-dydit finetune $A/fmnist_dit --out runs/e13-tdw-freeze-temb --target 0.5 $SR --router-lr 0.01 --no-tokens \
+SR0="$SR --seed 0"
+dydit finetune $A/fmnist_dit --out runs/e5-distill --target 0.5 $SR0 --distill 1
+dydit finetune $A/fmnist_dit --out runs/e6-kd --target 0.5 $SR0 --distill 1 --data-weight 0
+dydit finetune $A/fmnist_dit --out runs/e7-tdw-bal1 --target 0.5 $SR0 --no-tokens --flops-balance 1
+dydit finetune $A/fmnist_dit --out runs/e8-tdw-bal05 --target 0.5 $SR0 --no-tokens --flops-balance 0.5
+dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR0 --router-lr 0.01
+dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze --target 0.5 $SR0 --router-lr 0.01 --no-tokens --freeze-routers 0.5
+dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 --target 0.5 $SR0 --router-lr 0.01 --no-tokens --freeze-routers 0.8
+dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR0 --no-tokens --freeze-routers 0.8
+# the frozen plan with the timestep embedder fixed too (did not help)
+dydit finetune $A/fmnist_dit --out runs/e13-tdw-freeze-temb --target 0.5 $SR0 --router-lr 0.01 --no-tokens \
   --freeze-routers 0.5 --freeze-time-embed
-dydit finetune $A/fmnist_dit --out runs/e14-tdw-freeze07-temb --target 0.5 $SR --router-lr 0.01 --no-tokens \
+dydit finetune $A/fmnist_dit --out runs/e14-tdw-freeze07-temb --target 0.5 $SR0 --router-lr 0.01 --no-tokens \
   --freeze-routers 0.7 --freeze-time-embed
-for m in runs/e1-freeze/ema runs/e4-shortramp/ema $A/fmnist_dydit_0.5 runs/e5-distill/ema runs/e6-kd/ema \
+for m in runs/e1-freeze/ema runs/e4-shortramp/ema runs/fmnist-dydit-0.5/ema runs/e5-distill/ema runs/e6-kd/ema \
          runs/e7-tdw-bal1/ema runs/e8-tdw-bal05/ema runs/e9-rlr01/ema runs/e10-tdw-freeze/ema \
-         runs/e11-tdw-freeze08/ema runs/e12-tdw-freeze08-rlr03/ema; do
+         runs/e11-tdw-freeze08/ema runs/e12-tdw-freeze08-rlr03/ema runs/e13-tdw-freeze-temb/ema \
+         runs/e14-tdw-freeze07-temb/ema; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
 done
+# Session 11: a cosine LR decay (new --lr-schedule), e10 with tokens, the e10 recipe on two more seeds (seed 1 is
+# the shipped λ=0.5 of step 2), and calibration at the freeze (new --calibrate-at-freeze). The "-nocal" models are
+# the same runs without the final calibration (--no-calibrate; we made them by shifting the width-router
+# biases back by the logged calibration shift, which gives the same weights).
+E10="--router-lr 0.01 --no-tokens --freeze-routers 0.5"
+dydit finetune $A/fmnist_dit --out runs/e15-tdw-freeze-cos --target 0.5 $SR0 $E10 --lr-schedule cosine
+dydit finetune $A/fmnist_dit --out runs/e16-freeze-cos --target 0.5 $SR0 --router-lr 0.01 --freeze-routers 0.5 \
+  --lr-schedule cosine
+dydit finetune $A/fmnist_dit --out runs/e20-e10-seed2 --target 0.5 $SR --seed 2 $E10
+dydit finetune $A/fmnist_dit --out runs/e10-nocal-run --target 0.5 $SR0 $E10 --no-calibrate
+dydit finetune $A/fmnist_dit --out runs/e17-nocal-run --target 0.5 $SR --seed 1 $E10 --no-calibrate
+dydit finetune $A/fmnist_dit --out runs/e18-calfreeze-s0 --target 0.5 $SR0 $E10 --calibrate-at-freeze
+for m in runs/e15-tdw-freeze-cos/ema runs/e16-freeze-cos/ema runs/e20-e10-seed2/ema runs/e10-nocal-run/ema \
+         runs/e17-nocal-run/ema $A/fmnist_dydit_0.5 runs/e18-calfreeze-s0/ema; do
+  dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
+done
+for m in runs/e10-nocal-run/ema $A/fmnist_dydit_0.5 runs/e20-e10-seed2/ema; do
+  dydit eval $m --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64
+done
 # The plans that docs/RESULTS.md describes (tokens kept, widths per step and block).
-for m in $A/fmnist_dydit_0.5 runs/fmnist-sdt-0.5/ema runs/e3-balance/ema runs/e1-freeze/ema runs/e4-shortramp/ema; do
+for m in runs/fmnist-dydit-0.5/ema runs/fmnist-sdt-0.5/ema runs/e3-balance/ema runs/e1-freeze/ema runs/e4-shortramp/ema; do
   dydit plan $m --out runs/plans/$(echo $m | tr '/' '_') --steps 20 --num-images 10
 done
 
