@@ -100,13 +100,11 @@ done
 # 4. B1 + B3: every row on 5,000 samples (DDIM 20 steps, CFG 4, seed 0), then one interleaved timing
 #    pass; table + plot. --resume keeps rows already scored with the same weights and settings.
 R="--row"
+EMBEDDED_ROWS=($R "static=$A/fmnist_dit" $R "DyDiT λ 0.7=$A/fmnist_dydit_0.7" $R "DyDiT λ 0.5=$A/fmnist_dydit_0.5"
+  $R "static, 14 steps=$A/fmnist_dit,steps=14" $R "FBCache rdt 0.1=$A/fmnist_dit,fbcache=0.1"
+  $R "DyDiT λ 0.5 + FBCache rdt 0.1=$A/fmnist_dydit_0.5,fbcache=0.1")
 dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
-  $R "static=$A/fmnist_dit" \
-  $R "DyDiT λ 0.7=$A/fmnist_dydit_0.7" \
-  $R "DyDiT λ 0.5=$A/fmnist_dydit_0.5" \
-  $R "static, 14 steps=$A/fmnist_dit,steps=14" \
-  $R "FBCache rdt 0.1=$A/fmnist_dit,fbcache=0.1" \
-  $R "DyDiT λ 0.5 + FBCache rdt 0.1=$A/fmnist_dydit_0.5,fbcache=0.1" \
+  "${EMBEDDED_ROWS[@]}" \
   $R "static pruning to 0.5 + 300 ft steps=runs/fmnist-prune-0.5/ema" \
   $R "static + 300 ft steps=runs/fmnist-static-ft/ema" \
   $R "LoRA λ 0.5 (frozen backbone)=$A/fmnist_dit,adapters=runs/fmnist-lora-0.5/adapters" \
@@ -117,6 +115,13 @@ dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 6
   $R "DyDiT λ 0.3=runs/fmnist-dydit-0.3/ema" \
   $R "DyDiT λ 0.5, per-quarter FLOPs balance=runs/e3-balance/ema" \
   --out docs/results/b3_compare
+
+# 4b. The shipped models alone, timed in one pass (the table in the README). The rows file starts as a copy of the
+#     full pass's, so --resume scores only rows whose weights changed (the λ=0.5 model of session 11).
+cp docs/results/b3_compare.rows.jsonl docs/results/b3_embedded.rows.jsonl
+dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
+  "${EMBEDDED_ROWS[@]}" \
+  --out docs/results/b3_embedded
 
 # 5. TD-LoRA merged-plan speed against a plain DyDiT on the identical plan.
 python3 scripts/bench_td_lora.py $A/fmnist_dit runs/fmnist-td-lora-0.5/adapters --steps 20 --json docs/results/td_lora_speed.json
