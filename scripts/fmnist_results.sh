@@ -75,8 +75,9 @@ for m in runs/e1-freeze/ema runs/e4-shortramp/ema runs/fmnist-dydit-0.5/ema runs
 done
 # Session 11: a cosine LR decay (new --lr-schedule), e10 with tokens, the e10 recipe on two more seeds (seed 1 is
 # the shipped λ=0.5 of step 2), and calibration at the freeze (new --calibrate-at-freeze). The "-nocal" models are
-# the same runs without the final calibration (--no-calibrate; we made them by shifting the width-router
-# biases back by the logged calibration shift, which gives the same weights).
+# the same runs without the final calibration (--no-calibrate). The scored ones were made by shifting the
+# width-router biases back by the logged calibration shift; rerunning e17 with --no-calibrate (session 12)
+# gave those weights to float noise (largest difference 3e-5, in an attention qkv bias).
 E10="--router-lr 0.01 --no-tokens --freeze-routers 0.5"
 dydit finetune $A/fmnist_dit --out runs/e15-tdw-freeze-cos --target 0.5 $SR0 $E10 --lr-schedule cosine
 dydit finetune $A/fmnist_dit --out runs/e16-freeze-cos --target 0.5 $SR0 --router-lr 0.01 --freeze-routers 0.5 \
