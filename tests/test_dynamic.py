@@ -221,8 +221,8 @@ def test_finetune_cli_writes_live_routers_and_averaged_backbone(tmp_path):
 
     out = tmp_path / "ft"
     res = CliRunner().invoke(app, ["finetune", str(default_model_path()), "--out", str(out), "--steps", "3",
-                                   "--batch-size", "8", "--limit-data", "64", "--ramp-steps", "1",
-                                   "--warmup-steps", "1", "--ckpt-every", "3", "--no-calibrate"])
+                                   "--batch-size", "8", "--limit-data", "64", "--set", "flops.ramp_steps=1",
+                                   "--set", "warmup.steps=1", "--ckpt-every", "3", "--set", "calibration.enabled=false"])
     assert res.exit_code == 0, res.output
     ema = dydit.load(out / "ema").state_dict()
     live = dydit.load(out / "checkpoint.pt", which="model").state_dict()

@@ -1,179 +1,116 @@
-"""CLI commands of the DyDiT machinery: finetune, plan report, demo."""
+"""CLI commands of the DyDiT machinery: finetune, recipes, calibrate, plan report, demo, bench."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from dydit.peft.td_lora.config import DEFAULT_TARGETS, TDLoRAConfig
 
-_PEFT = ("none", "lora", "td-lora")
+def _recipe_help(key: str, extra: str = "") -> str:
+    from dydit.dynamic.recipe import Recipe
+
+    return f"{Recipe.help(key)} (recipe key {key}{extra})"
 
 
 def finetune(
     init: str = typer.Argument(..., help="static checkpoint to make dynamic (any format dydit.load reads)"),
     out: str = typer.Option("runs/dydit", help="output folder"),
-    target: float = typer.Option(0.5, help="λ: target FLOPs ratio of the routed blocks"),
-    flops_weight: float = typer.Option(2.0, help="w in w·(mean r − λ_t)²"),
-    flops_balance: float = typer.Option(0.0, help="share of the FLOPs loss applied to each quarter of the "
-                                        "trajectory (1: every quarter of t averages λ; 0: the paper's batch mean, "
-                                        "which can starve the high-noise steps in short fine-tunes)"),
-    ramp_steps: int = typer.Option(100, help="λ_t ramps from 1.0 to λ over these steps"),
-    warmup_steps: int = typer.Option(100, help="steps with the complete-model loss added"),
-    router_lr: Optional[float] = typer.Option(3e-2, help="router learning rate (routers start from zero weights "
-                                              "and must move within a short fine-tune)"),
-    noise_anneal: float = typer.Option(0.3, help="gumbel noise decays to 0 over this final share of the steps, "
-                                       "so the trained masks are the ones inference uses"),
-    tau: float = typer.Option(5.0, help="gumbel-sigmoid temperature"),
-    width: bool = typer.Option(True, help="TDW: dynamic heads and MLP groups"),
-    tokens: bool = typer.Option(True, help="SDT: dynamic tokens through the MLP"),
-    block_skip: bool = typer.Option(False, help="ablation: a timestep gate per block that skips the whole block "
-                                    "(use with --no-width --no-tokens for the block-skip baseline)"),
-    reorder: bool = typer.Option(True, help="rank heads/channels by magnitude first"),
-    width_bias_init: float = typer.Option(2.0, help="initial width-router bias (>0: all on, the static function; "
-                                          "the authors' 15 suits their long fine-tunes)"),
-    token_bias_init: float = typer.Option(2.0, help="initial token-router bias (>0: all on; the authors use 35)"),
-    data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
-    steps: int = typer.Option(300, help="optimizer steps"),
-    batch_size: int = typer.Option(128, help="global batch size"),
-    lr: float = typer.Option(1e-4, help="learning rate of the backbone"),
-    lr_schedule: str = typer.Option("constant", help="learning rate after any warm-up: constant, or cosine "
-                                    "(decays to ~0 at the last step)"),
-    ema_decay: float = typer.Option(0.99, help="EMA decay"),
-    grad_skip: float = typer.Option(100.0, help="skip updates whose gradient norm exceeds this"),
-    bf16: bool = typer.Option(False, help="bf16 autocast"),
-    seed: int = typer.Option(0, help="seed"),
+    recipe: Optional[str] = typer.Option(None, help="recipe name (dydit recipes lists them), recipe JSON file, or "
+                                         "a model folder saved with one; default: the default recipe"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="override one recipe field, key=value (dotted: "
+                                             "flops.weight=2, feedback.every=0, routing.tokens=false); repeatable; "
+                                             "dydit recipes --keys lists every key"),
+    show_recipe: bool = typer.Option(False, help="print the resolved recipe as JSON and exit (start a recipe file "
+                                     "from it)"),
+    target: Optional[float] = typer.Option(None, help=_recipe_help("target")),
+    steps: Optional[int] = typer.Option(None, help=_recipe_help("optim.steps")),
+    batch_size: Optional[int] = typer.Option(None, help=_recipe_help("optim.batch_size")),
+    lr: Optional[float] = typer.Option(None, help=_recipe_help("optim.lr")),
+    seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
+    peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
+    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
     sample_every: int = typer.Option(0, help="sample grid every N steps (0: off)"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    prune_static: bool = typer.Option(False, help="baseline instead of DyDiT: magnitude-prune every block to the "
-                                      "same width at every timestep (FLOPs ≈ λ), then fine-tune it the same way"),
-    calibrate: bool = typer.Option(True, help="after training, shift the router thresholds of the output until "
-                                   "the realised inference FLOPs ratio is within 0.005 of λ (dydit calibrate)"),
-    feedback_every: int = typer.Option(25, help="after the λ ramp, every N steps: sample a few images on the fast "
-                                       "engine and correct the FLOPs target by (inference − training) ratio; 0: off"),
-    feedback_images: int = typer.Option(20, help="images per feedback measurement (labels cycle through the "
-                                        "classes: use a multiple of the class count)"),
-    calib_sampler: Optional[str] = typer.Option(None, help="sampler of the feedback and calibration runs (the one "
-                                                "you will serve; default ddim, or euler for flow models)"),
-    calib_steps: int = typer.Option(20, help="sampling steps of the feedback and calibration runs"),
-    calib_cfg: float = typer.Option(4.0, help="guidance scale of the feedback and calibration runs"),
-    feedback_gain: float = typer.Option(1.0, help="share of each measured inference-training gap applied to the "
-                                        "target correction (< 1 damps it)"),
-    freeze_routers: float = typer.Option(0.0, help="fix the plan for this final share of the steps: the routers stop, "
-                                         "the masks are the inference ones and the backbone adapts to them"),
-    freeze_time_embed: bool = typer.Option(False, help="with --freeze-routers: fix the timestep embedder too, in the "
-                                           "live and the EMA model, so the width plan cannot drift while frozen"),
-    calibrate_at_freeze: bool = typer.Option(False, help="with --freeze-routers: calibrate the plan to λ at the freeze "
-                                             "(as the final calibration does), so the backbone trains on the plan "
-                                             "that ships"),
-    distill: float = typer.Option(0.0, help="weight of an output-distillation loss toward the frozen static INIT "
-                                  "(not in the paper; costs one extra forward of the static model per step)"),
-    data_weight: float = typer.Option(1.0, help="weight of the backbone's own diffusion or flow loss (0 with "
-                                      "--distill: learn from the static model only)"),
-    calib_images: int = typer.Option(100, help="images sampled per calibration measurement (class-balanced)"),
-    peft: str = typer.Option("none", help="none: train all weights; td-lora: frozen backbone, routers + "
-                             "timestep-mixed LoRA experts train; lora: the same with one expert"),
-    lora_rank: Optional[int] = typer.Option(None, help=TDLoRAConfig.help("r")),
-    lora_experts: int = typer.Option(4, help=TDLoRAConfig.help("num_experts") + " (--peft td-lora)"),
-    lora_alpha: Optional[float] = typer.Option(None, help=TDLoRAConfig.help("lora_alpha")),
-    lora_targets: str = typer.Option(",".join(DEFAULT_TARGETS), help=TDLoRAConfig.help("target_modules")
-                                     + " (comma-separated)"),
+    bf16: bool = typer.Option(False, help="bf16 autocast"),
 ):
-    """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP)."""
-    args = dict(locals())
-    import dydit
-    from dydit.dynamic import DynamicConfig, dynamize
-    from dydit.dynamic.convert import copy_routers
-    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
-    from dydit.train import LR_SCHEDULES, TrainConfig, dist_info, train
+    """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP).
 
-    if not 0.0 < target <= 1.0:
-        raise typer.BadParameter(f"--target must be in (0, 1], got {target}; it is a share of the static FLOPs")
-    if lr_schedule not in LR_SCHEDULES:
-        raise typer.BadParameter(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    if peft not in _PEFT:
-        raise typer.BadParameter(f"--peft must be one of {_PEFT}, got {peft!r}")
-    model = dydit.load(init)
-    if getattr(model, "dynamic_config", None) is not None:
-        raise typer.BadParameter(f"{init} is already a dynamic model; pass its static base")
-    if prune_static:
-        from dydit.dynamic.prune import static_width_prune
+    What it trains is a recipe: --recipe picks one, --set and the options that name a recipe key change single fields. The other options say where the data is and how this machine runs it.
+    """
+    import logging
 
-        if peft != "none":
-            raise typer.BadParameter("--prune-static fine-tunes all weights; drop --peft")
-        model, info = static_width_prune(model, target, reorder=reorder)
-        typer.echo(f"static pruning: {info['heads_kept']} heads and {info['groups_kept']} MLP groups kept per block "
-                   f"(FLOPs ratio {info['flops_ratio']:.3f}); no complete-model warm-up, no FLOPs loss")
-        args.update(warmup_steps=0, flops_weight=0.0, ramp_steps=0, feedback_every=0)
-        calibrate = False
-    else:
-        if not (width or tokens or block_skip):
-            raise typer.BadParameter("nothing to route: keep --width or --tokens, or add --block-skip")
-        dyn_cfg = DynamicConfig(width=width, tokens=tokens, block_skip=block_skip, tau=tau,
-                                width_bias_init=width_bias_init, token_bias_init=token_bias_init)
-        model = dynamize(model, dyn_cfg, reorder=reorder)
-    lora_cfg = None
-    if peft != "none":
-        from dydit.peft import apply_td_lora, trainable_report
+    from dydit.dynamic.finetune import finetune as run_finetune
+    from dydit.dynamic.recipe import resolve_recipe
 
-        lora_cfg = TDLoRAConfig(r=lora_rank, num_experts=1 if peft == "lora" else lora_experts, lora_alpha=lora_alpha,
-                                target_modules=[t.strip() for t in lora_targets.split(",") if t.strip()])
-        model = apply_td_lora(model, lora_cfg)
-        lora_cfg = model.td_lora_config["default"]
-        n, total, share = trainable_report(model)
-        typer.echo(f"{peft}: {n:,} trainable parameters ({100 * share:.2f}% of the {total:,}-parameter backbone)")
-    ft = FinetuneConfig(**{f.name: args[f.name] for f in fields(FinetuneConfig) if f.name in args},
-                        total_steps=steps, feedback_sampler=calib_sampler, feedback_steps=calib_steps,
-                        feedback_cfg=calib_cfg)
-    # --warmup-steps is the complete-model warm-up (FinetuneConfig), not the LR warm-up of TrainConfig
-    own = {f.name: args[f.name] for f in fields(TrainConfig)
-           if f.name in args and f.name not in ("init", "warmup_steps")}
-    tc = TrainConfig(**own, warmup_steps=0, extra={"finetune": ft.to_dict(), "init": init})
-    Path(out).mkdir(parents=True, exist_ok=True)
-    peft_info = {"peft": peft, "td_lora": lora_cfg.to_dict()} if lora_cfg is not None else {}
-    summary = {"finetune": ft.to_dict(), "init": init, **peft_info, **({"prune_static": info} if prune_static else {})}
-    (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
-    teacher = dydit.load(init) if distill > 0 else None  # the static function, before pruning or routing
     try:
-        task = FinetuneTask(model, ft, teacher=teacher)
+        resolved = resolve_recipe(recipe, set_ or [], **{
+            "target": target, "optim.steps": steps, "optim.batch_size": batch_size, "optim.lr": lr,
+            "optim.seed": seed, "peft.method": peft})
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    if lora_cfg is not None:
-        from dydit.peft import save_adapters, td_lora_fast_context
-
-        task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
-        task.feedback_context = td_lora_fast_context
-    ema = train(tc, model=model, task=task)
-    copy_routers(model, ema)  # backbone averaged, routers live
-    finished = (Path(out) / "ema").exists() and dist_info()[0] == 0  # train() writes ema/ at the last step
-    if calibrate and target < 1.0 and finished:
-        from dydit.dynamic.calibrate import calibrate as run_calibration
-        from dydit.sampling import default_sampler
-
-        ema.eval()
-        try:
-            result = run_calibration(ema, target, calib_sampler or default_sampler(ema), calib_steps, calib_cfg,
-                                     calib_images, context_factory=task.feedback_context, log=typer.echo)
-        except ValueError as e:  # keep the trained model; say why it is not calibrated
-            typer.echo(f"calibration skipped: {e}", err=True)
-        else:
-            summary["calibration"] = result.to_dict()
-            (Path(out) / "finetune.json").write_text(json.dumps(summary, indent=2))
-            _report_calibration(result)
-    if lora_cfg is None and (Path(out) / "ema").exists():
-        dydit.save(ema, Path(out) / "ema")
-    if lora_cfg is not None:
-        save_adapters(ema, Path(out) / "adapters", base_reordered=reorder)
-        typer.echo(f"adapters + routers: {Path(out) / 'adapters'} (apply to {init} with dydit.peft.load_adapters)")
+        _fail(e)
+    if show_recipe:
+        typer.echo(resolved.to_json(), nl=False)
         return
-    typer.echo(f"DyDiT EMA weights: {Path(out) / 'ema'}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_finetune(init, out, resolved, data=data, resume=resume, stop_after=stop_after,
+                              ckpt_every=ckpt_every, sample_every=sample_every, limit_data=limit_data,
+                              threads=threads, bf16=bf16)
+    except ValueError as e:
+        _fail(e)
+    if result.calibration is not None:
+        _report_calibration(result.calibration)
+    if "calibration_skipped" in result.summary:
+        typer.echo(f"calibration skipped: {result.summary['calibration_skipped']}", err=True)
+    if not result.finished:
+        return
+    if resolved.peft.method != "none":
+        typer.echo(f"adapters + routers: {result.weights} (apply to {init} with dydit.peft.load_adapters)")
+    else:
+        typer.echo(f"DyDiT EMA weights: {result.weights}")
+
+
+def _fail(error):
+    """One line on stderr and exit status 2 (a bad option), without a traceback."""
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def recipes(
+    name: Optional[str] = typer.Argument(None, help="recipe name, recipe JSON file, or model folder to print"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="override one field, key=value; repeatable"),
+    keys: bool = typer.Option(False, help="list every recipe key with its type, default and help"),
+):
+    """List the named fine-tune recipes, or print one (resolved, as JSON) to start a recipe file from."""
+    import typing
+
+    from dydit.dynamic.recipe import RECIPES, Recipe, get_recipe
+
+    if keys:
+        default = Recipe()
+        for key in Recipe.keys():
+            tp = Recipe.field_type(key)
+            kind = " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp)) if typing.get_args(tp) \
+                and typing.get_origin(tp) is not list else getattr(tp, "__name__", str(tp))
+            typer.echo(f"{key} ({kind.replace('NoneType', 'None')}, default {json.dumps(default.get(key))}): "
+                       f"{Recipe.help(key)}")
+        return
+    if name is None and not set_:
+        width = max(map(len, RECIPES))
+        for n, (description, _) in RECIPES.items():
+            typer.echo(f"{n:<{width}}  {description}")
+        typer.echo("\ndydit recipes NAME prints one as JSON; dydit finetune --recipe NAME|FILE --set key=value uses it")
+        return
+    try:
+        typer.echo(get_recipe(name).with_sets(set_ or []).validate().to_json(), nl=False)
+    except ValueError as e:
+        _fail(e)
 
 
 def _report_calibration(result):
@@ -429,6 +366,7 @@ def bench_compare_cmd(
 
 def register(app: typer.Typer):
     app.command()(finetune)
+    app.command()(recipes)
     app.command()(calibrate)
     app.command()(demo)
     app.command()(plan)

@@ -1,8 +1,14 @@
-"""`dydit finetune`: the DyDiT training task plugged into the shared training loop."""
+"""DyDiT fine-tuning: the training task plugged into the shared loop, and :func:`finetune`, the whole run.
+
+:func:`finetune` is what `dydit finetune` runs (the command only parses its options): a static
+checkpoint and a :class:`~dydit.dynamic.recipe.Recipe` in, a DyDiT model folder (or adapters) out.
+"""
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -12,9 +18,13 @@ from dydit.dynamic.flops import dynamic_ratio, flops_spec
 from dydit.dynamic.loss import flops_loss, target_at
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class FinetuneConfig:
-    """DyDiT fine-tuning options; each comment doubles as CLI help."""
+    """What :class:`FinetuneTask` reads, flat; :func:`finetune_config` builds it from a recipe (whose fields
+    hold the help text and the command's defaults; the defaults here serve direct use in Python)."""
 
     target: float = 0.5  # λ: target FLOPs ratio of the routed blocks (1.0 = static)
     flops_weight: float = 2.0  # w in w·(mean r − λ_t)²
@@ -29,7 +39,7 @@ class FinetuneConfig:
     block_skip: bool = False  # ablation: per-block timestep gates that skip whole blocks
     reorder: bool = True  # rank heads/channels by weight magnitude before fine-tuning
     noise_anneal: float = 0.3  # gumbel noise decays linearly to 0 over this final share of the steps
-    total_steps: int | None = None  # length of the run (set by the CLI; needed for the noise anneal)
+    total_steps: int | None = None  # length of the run (set by finetune(); needed for the noise anneal)
     feedback_every: int = 25  # after the ramp, every N steps: measure the inference ratio, correct the target (0: off)
     feedback_images: int = 20  # images per feedback measurement (class-balanced: a multiple of the classes)
     feedback_sampler: str | None = None  # sampler of the measurement (default: ddim, or euler for flow models)
@@ -221,7 +231,7 @@ class FinetuneTask:
             result = calibrate(ema, self.cfg.target, sampler, self.cfg.feedback_steps, self.cfg.feedback_cfg,
                                self.cfg.calib_images, context_factory=self.feedback_context)
         except ValueError as e:  # λ out of the thresholds' reach: train on the plan as it is
-            logging.getLogger(__name__).warning("calibration at the freeze skipped: %s", e)
+            log.warning("calibration at the freeze skipped: %s", e)
             return
         if dist.is_available() and dist.is_initialized():  # every rank trains on rank 0's plan
             for p in router_parameters(ema):
@@ -269,3 +279,163 @@ class FinetuneTask:
 
     def sampling_context(self, model):
         return DynamicContext("fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run: a static checkpoint and a recipe in, a DyDiT out
+# ---------------------------------------------------------------------------------------------
+
+
+def finetune_config(recipe) -> FinetuneConfig:
+    """The task's view of a recipe (static pruning: no warm-up, FLOPs loss or feedback; the plan is fixed)."""
+    r = recipe
+    cfg = FinetuneConfig(
+        target=r.target, flops_weight=r.flops.weight, flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
+        warmup_steps=r.warmup.steps, router_lr=r.optim.router_lr, tau=r.routing.tau, stratified=r.flops.stratified,
+        width=r.routing.width, tokens=r.routing.tokens, block_skip=r.routing.block_skip, reorder=r.router_init.reorder,
+        noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
+        feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
+        feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
+        freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate,
+        calib_images=r.calibration.images, distill=r.distill.weight, data_weight=r.distill.data_weight)
+    if r.prune_static:
+        cfg.warmup_steps, cfg.flops_weight, cfg.ramp_steps, cfg.feedback_every = 0, 0.0, 0, 0
+    return cfg
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` made: the EMA model (live routers, calibrated), where it is, and the summary
+    written to ``out/finetune.json``."""
+
+    model: torch.nn.Module
+    out: Path
+    finished: bool  # the run reached its last step (False after stop_after)
+    summary: dict = field(default_factory=dict)
+    calibration: object | None = None  # CalibrationResult of the final calibration, if it ran
+
+    @property
+    def weights(self) -> Path:
+        """The output folder: ``out/ema`` (``dydit.load``), or ``out/adapters`` with peft."""
+        return self.out / ("adapters" if "td_lora" in self.summary else "ema")
+
+
+def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_after: int | None = None,
+             ckpt_every: int = 100, sample_every: int = 0, limit_data: int | None = None,
+             threads: int | None = None, bf16: bool = False, progress: bool = True) -> FinetuneResult:
+    """Fine-tunes the static checkpoint ``init`` into a DyDiT under ``recipe`` (a Recipe, a name of
+    :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP.
+
+    Writes into ``out``: ``checkpoint.pt`` (resumable), ``log.jsonl``, ``finetune.json`` (recipe, task
+    config, calibration) and ``ema/`` (the model: EMA backbone, live routers, calibrated, its config.json
+    carrying the recipe) or, with ``recipe.peft``, ``adapters/`` for the static base ``init``. The other
+    arguments say where the data is and how this machine runs the recipe, not what it trains.
+    """
+    import dydit
+    from dydit.dynamic.config import DynamicConfig
+    from dydit.dynamic.convert import copy_routers, dynamize
+    from dydit.dynamic.recipe import Recipe, get_recipe
+    from dydit.train import TrainConfig, dist_info, train
+
+    recipe = (recipe if isinstance(recipe, Recipe) else get_recipe(recipe)).validate()
+    out = Path(out)
+    # The routers that start random (the token routers' hidden layer) and the LoRA experts draw from torch's
+    # global generator, which a fresh process seeds at random: seed it, so a run depends on the recipe only.
+    torch.manual_seed(recipe.optim.seed)
+    model = dydit.load(init)
+    if getattr(model, "dynamic_config", None) is not None:
+        raise ValueError(f"{init} is already a dynamic model; pass its static base")
+    prune_info = None
+    if recipe.prune_static:
+        from dydit.dynamic.prune import static_width_prune
+
+        model, prune_info = static_width_prune(model, recipe.target, reorder=recipe.router_init.reorder)
+        log.info("static pruning: %d heads and %d MLP groups kept per block (FLOPs ratio %.3f); no complete-model "
+                 "warm-up, no FLOPs loss", prune_info["heads_kept"], prune_info["groups_kept"],
+                 prune_info["flops_ratio"])
+    else:
+        ro, ri = recipe.routing, recipe.router_init
+        model = dynamize(model, DynamicConfig(width=ro.width, tokens=ro.tokens, block_skip=ro.block_skip, tau=ro.tau,
+                                              width_bias_init=ri.width_bias, token_bias_init=ri.token_bias),
+                         reorder=ri.reorder)
+    lora_cfg = None
+    peft = recipe.peft
+    if peft.method != "none":
+        from dydit.peft import TDLoRAConfig, apply_td_lora, trainable_report
+
+        model = apply_td_lora(model, TDLoRAConfig(r=peft.rank, num_experts=1 if peft.method == "lora" else peft.experts,
+                                                  lora_alpha=peft.alpha, target_modules=list(peft.targets)))
+        lora_cfg = model.td_lora_config["default"]
+        n, total, share = trainable_report(model)
+        log.info("%s: %s trainable parameters (%.2f%% of the %s-parameter backbone)", peft.method, f"{n:,}",
+                 100 * share, f"{total:,}")
+    ft = finetune_config(recipe)
+    o = recipe.optim
+    tc = TrainConfig(out=str(out), data=data, steps=o.steps, batch_size=o.batch_size, lr=o.lr,
+                     warmup_steps=0,  # no LR warm-up: recipe.warmup is the complete-model warm-up of the task
+                     lr_schedule=o.lr_schedule, weight_decay=o.weight_decay, ema_decay=o.ema_decay,
+                     grad_clip=o.grad_clip, grad_skip=o.grad_skip, bf16=bf16, seed=o.seed, ckpt_every=ckpt_every,
+                     sample_every=sample_every, resume=resume, limit_data=limit_data, stop_after=stop_after,
+                     threads=threads,
+                     extra={"finetune": ft.to_dict(), "init": str(init), "recipe": recipe.to_dict()})
+    teacher = dydit.load(init) if recipe.distill.weight > 0 else None  # the static function, before pruning or routing
+    task = FinetuneTask(model, ft, teacher=teacher)
+    if lora_cfg is not None:
+        from dydit.peft import td_lora_fast_context
+
+        task.sampling_context = td_lora_fast_context  # sample grids with the adapters merged per timestep
+        task.feedback_context = td_lora_fast_context
+    summary = {"recipe": recipe.to_dict(), "finetune": ft.to_dict(), "init": str(init)}
+    if lora_cfg is not None:
+        summary.update(peft=peft.method, td_lora=lora_cfg.to_dict())
+    if prune_info is not None:
+        summary["prune_static"] = prune_info
+    rank = dist_info()[0]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_summary(out, summary)
+
+    ema = train(tc, model=model, task=task, progress=progress)
+    copy_routers(model, ema)  # backbone averaged, routers live
+    finished = rank == 0 and _reached_last_step(out)
+    result = FinetuneResult(model=ema, out=out, finished=finished, summary=summary)
+    if not finished:  # an interrupted run (stop_after) or another DDP rank: the checkpoint is what it leaves
+        return result
+    cal = recipe.calibration
+    if cal.enabled and not recipe.prune_static and recipe.target < 1.0:
+        from dydit.dynamic.calibrate import calibrate
+        from dydit.sampling import default_sampler
+
+        ema.eval()
+        try:
+            result.calibration = calibrate(ema, recipe.target, recipe.feedback.sampler or default_sampler(ema),
+                                           recipe.feedback.steps, recipe.feedback.cfg, cal.images, tol=cal.tol,
+                                           context_factory=task.feedback_context, log=log.info)
+        except ValueError as e:  # keep the trained model; say why it is not calibrated
+            log.warning("calibration skipped: %s", e)
+            summary["calibration_skipped"] = str(e)
+        else:
+            summary["calibration"] = result.calibration.to_dict()
+        _write_summary(out, summary)
+    if lora_cfg is not None:
+        from dydit.peft import save_adapters
+
+        save_adapters(ema, out / "adapters", base_reordered=recipe.router_init.reorder)
+    else:
+        dydit.save(ema, out / "ema", extra_config={"recipe": recipe.to_dict()})
+    return result
+
+
+def _write_summary(out: Path, summary: dict):
+    from dydit.io.atomic import atomic_write_text
+
+    atomic_write_text(json.dumps(summary, indent=2), out / "finetune.json")
+
+
+def _reached_last_step(out: Path) -> bool:
+    """Whether the training loop ended at its last step (train() writes ema/ and the summary then)."""
+    try:
+        s = json.loads((out / "train_summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return s.get("step") == s.get("steps") and (out / "ema").exists()
