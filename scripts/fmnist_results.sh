@@ -2,10 +2,16 @@
 # Reproduces the Fashion-MNIST models shipped in src/dydit/assets and the figures in docs/RESULTS.md
 # on a 2-core CPU. These are the commands that produced the committed results (2026-11-23). The
 # fine-tunes ran two at a time with --threads 1; that changes their wall-clock, not their numbers.
+# Since issue 15 a fine-tune's settings are a recipe (`dydit recipes`, src/dydit/dynamic/recipe.py): each
+# line below is the recipe its run used, written as --recipe plus --set for the flags of the time. The
+# token routers' random initial weights are now seeded from the recipe's seed; the runs here drew them
+# unseeded, so reruns of runs with token routers start from other initial token routers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=src/dydit/assets
-FT="--steps 300 --batch-size 128 --ramp-steps 100 --warmup-steps 50 --ckpt-every 100 --seed 0 --lr 3e-4"
+# $FT: the original recipe (300 steps, batch 128, LR 3e-4, a 100-step λ ramp after a 50-step complete-model
+# warm-up, seed 0), which the shipped λ=0.7 model has (recipe fmnist-0.7); the λ=0.5 runs take it with --target.
+FT="--recipe fmnist-0.7 --ckpt-every 100"
 
 # 1. The embedded static DiT: 2000 steps, ~40 min. The LR is constant after warm-up, so
 #    `--steps N` reproduces any prefix of this run exactly.
@@ -17,12 +23,14 @@ rm -rf $A/fmnist_dit && cp -r runs/fmnist-base/ema $A/fmnist_dit
 #    λ = 0.7: the original recipe (100-step ramp after a 50-step complete-model warm-up).
 #    λ = 0.5: the session-11 recipe (30-step ramp, no warm-up, router LR 0.01, TDW only, the plan frozen
 #    for the last half), seed 1 of the three seeds run (seeds 0 and 2 are e10 and e20 in step 3b).
-#    Until session 11 the shipped λ=0.5 was runs/fmnist-dydit-0.5 (the original recipe, --feedback-images 16).
-SR="--steps 300 --batch-size 128 --ramp-steps 30 --warmup-steps 0 --ckpt-every 100 --lr 3e-4"
-dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.7 --target 0.7 $FT
-dydit finetune $A/fmnist_dit --out runs/e17-e10-seed1 --target 0.5 $SR --seed 1 --router-lr 0.01 --no-tokens \
-  --freeze-routers 0.5
-dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --feedback-images 16
+#    Until session 11 the shipped λ=0.5 was runs/fmnist-dydit-0.5 (the original recipe with feedback.images=16).
+#    $SR: $FT with the short ramp (30 steps, no warm-up). $E10: the session-10/11 recipe, $SR with router LR
+#    0.01, TDW only and the plan frozen for the last half; at seed 1 it is the shipped λ=0.5 (recipe fmnist-0.5).
+SR="$FT --set flops.ramp_steps=30 --set warmup.steps=0"
+E10="--recipe fmnist-0.5 --ckpt-every 100"
+dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.7 --recipe fmnist-0.7 --ckpt-every 100
+dydit finetune $A/fmnist_dit --out runs/e17-e10-seed1 --recipe fmnist-0.5 --ckpt-every 100
+dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --set feedback.images=16
 rm -rf $A/fmnist_dydit_0.7 && cp -r runs/fmnist-dydit-0.7/ema $A/fmnist_dydit_0.7
 rm -rf $A/fmnist_dydit_0.5 && cp -r runs/e17-e10-seed1/ema $A/fmnist_dydit_0.5
 for lam in 0.5 0.7; do dydit plan $A/fmnist_dydit_$lam --steps 20 --num-images 20 --out docs/results/plan_$lam; done
@@ -32,60 +40,58 @@ for lam in 0.5 0.7; do dydit plan $A/fmnist_dydit_$lam --steps 20 --num-images 2
 for peft in lora td-lora; do
   dydit finetune $A/fmnist_dit --out runs/fmnist-$peft-0.5 --target 0.5 $FT --peft $peft
 done
-dydit finetune $A/fmnist_dit --out runs/fmnist-prune-0.5 --target 0.5 --prune-static $FT
+dydit finetune $A/fmnist_dit --out runs/fmnist-prune-0.5 --target 0.5 $FT --set prune_static=true
 dydit train --model DiT-FMNIST --init $A/fmnist_dit --out runs/fmnist-static-ft --steps 300 --batch-size 128 \
   --lr 3e-4 --warmup-steps 0 --ema-decay 0.99 --ckpt-every 100 --seed 0
 
 # 3b. The B3 ablations and λ = 0.3, the same 300 steps: TDW only, SDT only, whole-block skip, and
 #     DyDiT at λ = 0.3 (run before step 4, which scores them).
-dydit finetune $A/fmnist_dit --out runs/fmnist-tdw-0.5 --target 0.5 --no-tokens $FT
-dydit finetune $A/fmnist_dit --out runs/fmnist-sdt-0.5 --target 0.5 --no-width $FT
-dydit finetune $A/fmnist_dit --out runs/fmnist-blockskip-0.5 --target 0.5 --block-skip --no-width --no-tokens $FT
+dydit finetune $A/fmnist_dit --out runs/fmnist-tdw-0.5 --target 0.5 $FT --set routing.tokens=false
+dydit finetune $A/fmnist_dit --out runs/fmnist-sdt-0.5 --target 0.5 $FT --set routing.width=false
+dydit finetune $A/fmnist_dit --out runs/fmnist-blockskip-0.5 --target 0.5 $FT --set routing.block_skip=true \
+  --set routing.width=false --set routing.tokens=false
 dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.3 --target 0.3 $FT
 # Issue-4 attempts at the λ=0.5 FID gap (the first two did not help; docs/RESULTS.md): a per-quarter FLOPs balance
 # (scored in step 4), and a frozen plan for the last 40% with damped feedback (1,000-sample screen only).
-dydit finetune $A/fmnist_dit --out runs/e3-balance --target 0.5 $FT --flops-balance 1.0
-dydit finetune $A/fmnist_dit --out runs/e1-freeze --target 0.5 $FT --freeze-routers 0.4 --feedback-gain 0.5
+dydit finetune $A/fmnist_dit --out runs/e3-balance --target 0.5 $FT --set flops.balance=1.0
+dydit finetune $A/fmnist_dit --out runs/e1-freeze --target 0.5 $FT --set freeze.routers=0.4 --set feedback.gain=0.5
 # and the best so far, not shipped yet: a 30-step λ ramp without the complete-model warm-up.
-dydit finetune $A/fmnist_dit --out runs/e4-shortramp --target 0.5 --steps 300 --batch-size 128 --ramp-steps 30 \
-  --warmup-steps 0 --ckpt-every 100 --seed 0 --lr 3e-4
+dydit finetune $A/fmnist_dit --out runs/e4-shortramp --target 0.5 $SR
 dydit eval runs/e4-shortramp/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64
 # Session 10 attempts, all with the short ramp (1,000-sample screens below): output distillation from the
 # static model (with and without the data loss), per-quarter balance on TDW only, a lower router LR, and
 # TDW only with a frozen plan for the last 50% / 80%.
-SR0="$SR --seed 0"
-dydit finetune $A/fmnist_dit --out runs/e5-distill --target 0.5 $SR0 --distill 1
-dydit finetune $A/fmnist_dit --out runs/e6-kd --target 0.5 $SR0 --distill 1 --data-weight 0
-dydit finetune $A/fmnist_dit --out runs/e7-tdw-bal1 --target 0.5 $SR0 --no-tokens --flops-balance 1
-dydit finetune $A/fmnist_dit --out runs/e8-tdw-bal05 --target 0.5 $SR0 --no-tokens --flops-balance 0.5
-dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR0 --router-lr 0.01
-dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze --target 0.5 $SR0 --router-lr 0.01 --no-tokens --freeze-routers 0.5
-dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 --target 0.5 $SR0 --router-lr 0.01 --no-tokens --freeze-routers 0.8
-dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR0 --no-tokens --freeze-routers 0.8
+dydit finetune $A/fmnist_dit --out runs/e5-distill --target 0.5 $SR --set distill.weight=1
+dydit finetune $A/fmnist_dit --out runs/e6-kd --target 0.5 $SR --set distill.weight=1 --set distill.data_weight=0
+dydit finetune $A/fmnist_dit --out runs/e7-tdw-bal1 --target 0.5 $SR --set routing.tokens=false --set flops.balance=1
+dydit finetune $A/fmnist_dit --out runs/e8-tdw-bal05 --target 0.5 $SR --set routing.tokens=false --set flops.balance=0.5
+dydit finetune $A/fmnist_dit --out runs/e9-rlr01 --target 0.5 $SR --set optim.router_lr=0.01
+dydit finetune $A/fmnist_dit --out runs/e10-tdw-freeze $E10 --seed 0
+dydit finetune $A/fmnist_dit --out runs/e11-tdw-freeze08 $E10 --seed 0 --set freeze.routers=0.8
+dydit finetune $A/fmnist_dit --out runs/e12-tdw-freeze08-rlr03 --target 0.5 $SR --set routing.tokens=false \
+  --set freeze.routers=0.8
 # the frozen plan with the timestep embedder fixed too (did not help)
-dydit finetune $A/fmnist_dit --out runs/e13-tdw-freeze-temb --target 0.5 $SR0 --router-lr 0.01 --no-tokens \
-  --freeze-routers 0.5 --freeze-time-embed
-dydit finetune $A/fmnist_dit --out runs/e14-tdw-freeze07-temb --target 0.5 $SR0 --router-lr 0.01 --no-tokens \
-  --freeze-routers 0.7 --freeze-time-embed
+dydit finetune $A/fmnist_dit --out runs/e13-tdw-freeze-temb $E10 --seed 0 --set freeze.time_embed=true
+dydit finetune $A/fmnist_dit --out runs/e14-tdw-freeze07-temb $E10 --seed 0 --set freeze.routers=0.7 \
+  --set freeze.time_embed=true
 for m in runs/e1-freeze/ema runs/e4-shortramp/ema runs/fmnist-dydit-0.5/ema runs/e5-distill/ema runs/e6-kd/ema \
          runs/e7-tdw-bal1/ema runs/e8-tdw-bal05/ema runs/e9-rlr01/ema runs/e10-tdw-freeze/ema \
          runs/e11-tdw-freeze08/ema runs/e12-tdw-freeze08-rlr03/ema runs/e13-tdw-freeze-temb/ema \
          runs/e14-tdw-freeze07-temb/ema; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64
 done
-# Session 11: a cosine LR decay (new --lr-schedule), e10 with tokens, the e10 recipe on two more seeds (seed 1 is
-# the shipped λ=0.5 of step 2), and calibration at the freeze (new --calibrate-at-freeze). The "-nocal" models are
-# the same runs without the final calibration (--no-calibrate). The scored ones were made by shifting the
-# width-router biases back by the logged calibration shift; rerunning e17 with --no-calibrate (session 12)
+# Session 11: a cosine LR decay (optim.lr_schedule), e10 with tokens, the e10 recipe on two more seeds (seed 1 is
+# the shipped λ=0.5 of step 2), and calibration at the freeze (freeze.calibrate). The "-nocal" models are
+# the same runs without the final calibration (calibration.enabled=false). The scored ones were made by shifting
+# the width-router biases back by the logged calibration shift; rerunning e17 without calibration (session 12)
 # gave those weights to float noise (largest difference 3e-5, in an attention qkv bias).
-E10="--router-lr 0.01 --no-tokens --freeze-routers 0.5"
-dydit finetune $A/fmnist_dit --out runs/e15-tdw-freeze-cos --target 0.5 $SR0 $E10 --lr-schedule cosine
-dydit finetune $A/fmnist_dit --out runs/e16-freeze-cos --target 0.5 $SR0 --router-lr 0.01 --freeze-routers 0.5 \
-  --lr-schedule cosine
-dydit finetune $A/fmnist_dit --out runs/e20-e10-seed2 --target 0.5 $SR --seed 2 $E10
-dydit finetune $A/fmnist_dit --out runs/e10-nocal-run --target 0.5 $SR0 $E10 --no-calibrate
-dydit finetune $A/fmnist_dit --out runs/e17-nocal-run --target 0.5 $SR --seed 1 $E10 --no-calibrate
-dydit finetune $A/fmnist_dit --out runs/e18-calfreeze-s0 --target 0.5 $SR0 $E10 --calibrate-at-freeze
+dydit finetune $A/fmnist_dit --out runs/e15-tdw-freeze-cos $E10 --seed 0 --set optim.lr_schedule=cosine
+dydit finetune $A/fmnist_dit --out runs/e16-freeze-cos $E10 --seed 0 --set routing.tokens=true \
+  --set optim.lr_schedule=cosine
+dydit finetune $A/fmnist_dit --out runs/e20-e10-seed2 $E10 --seed 2
+dydit finetune $A/fmnist_dit --out runs/e10-nocal-run $E10 --seed 0 --set calibration.enabled=false
+dydit finetune $A/fmnist_dit --out runs/e17-nocal-run $E10 --set calibration.enabled=false
+dydit finetune $A/fmnist_dit --out runs/e18-calfreeze-s0 $E10 --seed 0 --set freeze.calibrate=true
 for m in runs/e15-tdw-freeze-cos/ema runs/e16-freeze-cos/ema runs/e20-e10-seed2/ema runs/e10-nocal-run/ema \
          runs/e17-nocal-run/ema $A/fmnist_dydit_0.5 runs/e18-calfreeze-s0/ema; do
   dydit eval $m --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64

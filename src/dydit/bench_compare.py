@@ -94,10 +94,26 @@ def row_key(row: Row, settings: dict) -> str:
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")) if folder.is_dir() else [folder]
         for f in files:
             digest.update(f.name.encode())
-            digest.update(f.read_bytes())
+            digest.update(_quality_bytes(f))
     # where the files live does not matter, what they hold does
     return json.dumps({"steps": row.steps, "fbcache": row.fbcache, "adapters": bool(row.adapters),
                        "weights": digest.hexdigest()[:16], **settings}, sort_keys=True)
+
+
+def _quality_bytes(f: Path) -> bytes:
+    """The bytes of a row's file that its samples depend on: a model's config.json without the recipe that
+    made it (metadata; a file that gained it keeps its scored rows)."""
+    data = f.read_bytes()
+    if f.name != "config.json":
+        return data
+    try:
+        cfg = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return data
+    if not isinstance(cfg, dict) or "recipe" not in cfg:
+        return data
+    cfg.pop("recipe")
+    return json.dumps(cfg, indent=2, sort_keys=True).encode()
 
 
 def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: int, cfg_scale: float, seed: int,
