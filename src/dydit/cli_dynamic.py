@@ -160,9 +160,19 @@ def calibrate(
     if adapters:
         save_adapters(model, Path(out), base_reordered=read_adapter_config(adapters)["base_reordered"])
     else:
-        dydit.save(model, Path(out))
+        dydit.save(model, Path(out), extra_config=_recipe_metadata(checkpoint))
     (Path(out) / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     typer.echo(f"calibrated checkpoint: {out}")
+
+
+def _recipe_metadata(checkpoint) -> dict:
+    """The fine-tune recipe saved with a model folder, to keep in a copy of it (calibrated: same training)."""
+    from dydit.io.native import is_native_folder, read_native_config
+
+    if not is_native_folder(checkpoint):
+        return {}
+    cfg = read_native_config(checkpoint)
+    return {"recipe": cfg["recipe"]} if "recipe" in cfg else {}
 
 
 def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):

@@ -14,12 +14,20 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "dydit"
 
 
+_OWN_KEYS = ("_format", "_class", "model", "dynamic")  # what load_native reads; any other key is metadata
+
+
 def save(model, folder, extra_config: dict | None = None) -> Path:
     """Writes ``folder/config.json`` and ``folder/model.safetensors`` atomically.
 
     Dynamic models also record their router layout, so :func:`dydit.load` rebuilds them.
+    ``extra_config`` adds metadata keys to config.json (e.g. ``"recipe"``, the fine-tune recipe that made
+    the model); loading ignores them, and they cannot replace the keys that describe the model.
     """
     folder = Path(folder)
+    clash = sorted(set(extra_config or {}) & set(_OWN_KEYS))
+    if clash:
+        raise ValueError(f"extra_config cannot set {clash}: config.json keeps them for the model itself")
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"_format": FORMAT_TAG, "_class": type(model).__name__, "model": model.config.to_dict()}
     dyn = getattr(model, "dynamic_config", None)
@@ -53,7 +61,11 @@ def read_native_config(folder) -> dict:
 
 
 def load_native(folder, map_location="cpu"):
-    """Rebuilds the model saved by :func:`save` (static or dynamic) with strict key matching."""
+    """Rebuilds the model saved by :func:`save` (static or dynamic) with strict key matching.
+
+    Only ``model`` and ``dynamic`` of config.json shape the model; metadata such as ``recipe`` is left in
+    the file (``read_native_config`` returns it).
+    """
     from dydit.models.dit import DiT, DiTConfig
 
     folder = Path(folder)
