@@ -36,7 +36,7 @@ def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_pat
     import json
     import shutil
 
-    import dydit.cli_eval
+    import dydit.evaluate
     from dydit.assets import default_model_path
     from dydit.bench_compare import run_compare
 
@@ -49,7 +49,7 @@ def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_pat
         return {"fid": 10.0 + len(calls), "cond_acc": 0.9, "s_per_image": 1.0, "flops_ratio": 1.0,
                 "gmacs_per_image": 1.0, "sampler": "ddim", "device": "cpu", "threads": 1}
 
-    monkeypatch.setattr(dydit.cli_eval, "evaluate_checkpoint", fake_eval)
+    monkeypatch.setattr(dydit.evaluate, "evaluate_checkpoint", fake_eval)
     rows = lambda: [Row("static", str(base)), Row("fewer steps", str(base), steps=3),  # noqa: E731
                     Row("cache", str(base), fbcache=0.1)]
     args = dict(num_samples=4, sampler="ddim", steps=2, cfg_scale=4.0, seed=0, batch_size=3,
@@ -67,6 +67,6 @@ def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_pat
     assert len(calls) == 3 and [r.result["fid"] for r in again] == [11.0, 12.0, 13.0]
     # new weights invalidate the kept rows; other settings do too
     (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
-    monkeypatch.setattr(dydit.cli_eval, "evaluate_checkpoint", fake_eval)
+    monkeypatch.setattr(dydit.evaluate, "evaluate_checkpoint", fake_eval)
     run_compare(rows(), **{**args, "timing_repeats": 0}, resume=True)
     assert len(calls) == 6

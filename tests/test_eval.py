@@ -146,3 +146,28 @@ def test_eval_cli_scores_an_npz(classifier, small_reference, tmp_path, monkeypat
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_samples"] == 100 and result["cond_acc"] > 0.85
+
+
+def test_gmacs_per_image_counts_every_network_call_of_a_run():
+    from dydit.dynamic import DynamicContext, dynamize, flops_spec
+    from dydit.dynamic.report import sampling_forwards, summarize
+    from dydit.models.dit import build_model
+    from dydit.sampling import sample
+
+    torch.manual_seed(0)
+    model = dynamize(build_model("SiT-Tiny")).eval()
+    spec = flops_spec(model)
+    calls = sampling_forwards(model, "heun", 3)
+    assert calls > 3  # Heun calls the network twice per step
+    static = summarize(None, spec, cfg_batches=2, forwards=calls)
+    assert static["flops_ratio"] == 1.0
+    assert static["gmacs_per_image"] == pytest.approx(spec.static_macs / 1e9 * calls * 2)
+    with pytest.raises(ValueError, match="forwards"):
+        summarize([], spec)
+    ctx = DynamicContext("fast", record_usage=True)
+    for _ in range(2):  # two batches of one evaluation: the usage of both runs
+        sample(model, torch.arange(2), "heun", 3, seed=0, dyn=ctx)
+    assert len(ctx.usage) == 2 * calls
+    one_run = summarize(ctx.usage[:calls], spec)
+    assert summarize(ctx.usage, spec, forwards=calls)["gmacs_per_image"] == pytest.approx(one_run["gmacs_per_image"])
+    assert one_run["gmacs_per_image"] == pytest.approx(one_run["gmacs_per_forward"] * calls)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dydit.dynamic import DynamicConfig, DynamicContext, dynamize
 from dydit.dynamic.flops import flops_spec, realised_macs
+from dydit.dynamic.report import summarize
 from dydit.dynamic.plan import BlockWidth, WidthPlan, time_key
 from dydit.models.dit import build_model
 
@@ -148,8 +149,7 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         for t in timed:
             with torch.autocast(**amp):
                 model(x[:2], torch.full((2,), t, device=device), y[:2], dyn=ctx)
-        return sum(realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["blocks"]
-                   for u in ctx.usage) / (len(ctx.usage) * spec.block_total)
+        return summarize(ctx.usage, spec)["flops_ratio"]
 
     # Token routers are calibrated inside the narrowed network (random weights make token logits depend
     # on the widths upstream), then the width level is corrected until the *measured* ratio meets the
@@ -194,19 +194,15 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         td.append(_time(run_dynamic, 1))
     t_static, t_dyn = statistics.median(ts), statistics.median(td)
     # realised FLOPs from what actually ran (token counts measured, not assumed)
-    dyn_macs, ratios = [], []
-    for u in ctx.usage:
-        m = realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])
-        dyn_macs.append(m["total"])
-        ratios.append(m["blocks"] / spec.block_total)
+    realised_run = summarize(ctx.usage, spec)
     static_macs = spec.static_macs
-    dynamic_macs = sum(dyn_macs) / len(dyn_macs)
+    dynamic_macs = realised_run["gmacs_per_forward"] * 1e9
     ideal = static_macs / dynamic_macs
     speedup = t_static / t_dyn
     return EngineResult(
         model=model_name, target=target, schedule_steps=schedule_steps, timed_steps=len(timed), batch=batch,
         dtype=dtype, device=device, static_s_per_step=t_static / len(timed), dynamic_s_per_step=t_dyn / len(timed),
-        speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal, realised_ratio=sum(ratios) / len(ratios),
+        speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal, realised_ratio=realised_run["flops_ratio"],
         static_gmacs=static_macs / 1e9, dynamic_gmacs=dynamic_macs / 1e9,
         static_peak_mb=peak.get("static"), dynamic_peak_mb=peak.get("dynamic"),
     )

@@ -122,7 +122,7 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
     import torch
     from tqdm.auto import tqdm
 
-    from dydit.cli_eval import evaluate_checkpoint
+    from dydit.evaluate import evaluate_checkpoint
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float
     """Median s/image of one ``batch_size`` sampling call per row, rows interleaved round-robin."""
     import torch
 
-    from dydit.cli_eval import prepare_sampling
+    from dydit.evaluate import prepare_sampling
     from dydit.sampling import default_sampler, sample
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -234,12 +234,7 @@ def demo(
             dynamic = getattr(model, "dynamic_config", None) is not None
             dyn = DynamicContext("fast", record_usage=True) if dynamic else None
             x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats)
-            if dynamic:
-                # usage of the last timed run only
-                s = summarize(dyn.usage[-steps:], spec, cfg_batches)
-            else:
-                g = spec.static_macs / 1e9
-                s = {"flops_ratio": 1.0, "gmacs_per_forward": g, "gmacs_per_image": g * steps * cfg_batches}
+            s = summarize(dyn.usage[-steps:] if dynamic else None, spec, cfg_batches, forwards=steps)  # the last run
             per_image = seconds / len(labels)
             base_time = base_time or per_image
             grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
@@ -293,7 +288,8 @@ def plan(
     typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}")
 
 
-bench_app = typer.Typer(help="Benchmarks (BENCHMARKS.md).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed.",
+                        no_args_is_help=True)
 
 
 @bench_app.command("engine")
@@ -324,10 +320,10 @@ def bench_engine_cmd(
         typer.echo(results_table(results[-1:]).splitlines()[-1])
     from datetime import date
 
-    from dydit.cli_eval import _cpu_name
+    from dydit.evaluate import cpu_name
 
     machine = (torch.cuda.get_device_name() if device.startswith("cuda") else
-               f"{_cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads")
+               f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads")
     md = (f"Machine: {machine}; torch {torch.__version__}; dtype {dtype}; {date.today().isoformat()}\n\n"
           + results_table(results))
     Path(out).parent.mkdir(parents=True, exist_ok=True)

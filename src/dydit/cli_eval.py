@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +47,7 @@ def eval_command(
         else:
             from dydit.assets import default_model_path
 
-            result = evaluate_checkpoint(
+            result = evaluate.evaluate_checkpoint(
                 checkpoint or default_model_path(), num_samples=num_samples, sampler=sampler, steps=steps,
                 cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, fbcache=fbcache, adapters=adapters,
                 model_name=model_name, objective=objective, data=data, cache_dir=cache_dir, device=device)
@@ -59,104 +58,6 @@ def eval_command(
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int = 25, cfg_scale: float = 1.5,
-                        seed: int = 0, batch_size: int = 250, fbcache: float | None = None, adapters=None,
-                        model_name=None, objective=None, data=None, cache_dir=None, device=None,
-                        progress: bool = True) -> dict:
-    """B1 for one checkpoint: FID (FMNIST classifier), conditional accuracy, s/image, realised GMACs.
-
-    Dynamic checkpoints run on the fast engine; ``adapters`` applies TD-LoRA/LoRA adapters to the base
-    ``path`` (merged per timestep); ``fbcache`` stacks First-Block-Cache on either.
-    """
-    import torch
-
-    from dydit import evaluate
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, make_dyn, wrap = prepare_sampling(path, fbcache=fbcache, adapters=adapters, steps=steps,
-                                             model_name=model_name, objective=objective, device=dev)
-    dyn = make_dyn()
-    with wrap() as cache:
-        result = evaluate.evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
-                                         data=data, cache_dir=cache_dir, progress=progress)
-    if cache is not None:
-        from dydit.cache import cached_macs
-        from dydit.dynamic.flops import flops_spec
-
-        m = cached_macs(flops_spec(model), cache, dyn.usage if dyn is not None else None,
-                        2 if cfg_scale != 1.0 else 1)
-        result.update(fbcache_rdt=fbcache, block_share=cache.block_share(), flops_ratio=m["block_ratio"],
-                      gmacs_per_image=m["per_image"] / 1e9, gmacs_per_forward=m["per_forward"] / 1e9)
-    else:
-        result.update(_compute_summary(model, dyn, steps, cfg_scale))
-    result["source"] = f"{path} + {adapters}" if adapters else str(path)
-    result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    result["threads"] = torch.get_num_threads()
-    result["batch_size"] = batch_size
-    return result
-
-
-def prepare_sampling(path, fbcache: float | None = None, adapters=None, steps: int = 25, model_name=None,
-                     objective=None, device=None):
-    """Loads a row of B1/B3 for sampling: ``(model, make_dyn, wrap)``.
-
-    ``make_dyn()`` gives the DynamicContext to sample with (the fast engine for dynamic checkpoints, with
-    TD-LoRA/LoRA ``adapters`` merged per timestep; None for static ones); ``wrap()`` is a context manager
-    that yields the First-Block-Cache in use (``fbcache``), or None.
-    """
-    import contextlib
-
-    import dydit
-
-    model = dydit.load(path, model_name=model_name, objective=objective).to(device or "cpu")
-    if adapters:
-        from dydit.peft import load_adapters, td_lora_fast_context
-
-        model = load_adapters(model, adapters)
-
-        def make_dyn():
-            return td_lora_fast_context(model, record_usage=True)
-    elif getattr(model, "dynamic_config", None) is not None:
-        from dydit.dynamic import DynamicContext
-
-        def make_dyn():
-            return DynamicContext("fast", record_usage=True)  # the inference engine, not the masked reference
-    else:
-        def make_dyn():
-            return None
-
-    if fbcache is None:
-        return model, make_dyn, lambda: contextlib.nullcontext(None)
-    from dydit.cache import FirstBlockCache, cached
-
-    return model, make_dyn, lambda: cached(model, FirstBlockCache(rdt=fbcache, num_steps=steps))
-
-
-def _compute_summary(model, dyn, steps: int, cfg_scale: float) -> dict:
-    """Realised FLOPs ratio and GMACs per image of the sampling run that was scored."""
-    from dydit.dynamic.flops import flops_spec
-    from dydit.dynamic.report import usage_arrays
-
-    spec = flops_spec(model)
-    cfg_batches = 2 if cfg_scale != 1.0 else 1
-    if dyn is None or not dyn.usage:
-        g = spec.static_macs / 1e9
-        return {"flops_ratio": 1.0, "gmacs_per_forward": g, "gmacs_per_image": g * steps * cfg_batches}
-    _, _, _, gmacs, ratio = usage_arrays(dyn.usage, spec)  # one entry per step of every batch
-    return {"flops_ratio": float(ratio.mean()), "gmacs_per_forward": float(gmacs.mean()),
-            "gmacs_per_image": float(gmacs.mean()) * steps * cfg_batches}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _print_table(result: dict):

@@ -23,20 +23,39 @@ def usage_arrays(usage, spec: FlopsSpec):
     return heads, groups, tokens, gmacs, ratio
 
 
-def summarize(usage, spec: FlopsSpec, cfg_batches: int = 1) -> dict:
-    """Realised FLOPs ratio and GMACs per forward and per image over one sampling run.
+def summarize(usage, spec: FlopsSpec, cfg_batches: int = 1, forwards: int | None = None) -> dict:
+    """Realised FLOPs ratio and GMACs per forward and per image of sampling runs: the one place that
+    turns a run into "GMACs per image".
 
-    ``cfg_batches`` = 2 when guidance runs every image twice per step.
+    ``usage``: a fast DynamicContext's records, one per forward, of one or several runs; None or empty for
+    a static model (ratio 1). ``forwards``: network calls per image in one run (a sampler's steps, two per
+    Heun step; :func:`sampling_forwards`); by default ``len(usage)``, usage of exactly one run.
+    ``cfg_batches`` = 2 when guidance runs every image twice per call.
     """
-    _, _, _, gmacs, ratio = usage_arrays(usage, spec)
+    static = spec.static_macs / 1e9
+    if usage:
+        _, _, _, gmacs, ratio = usage_arrays(usage, spec)
+        per_forward, flops_ratio = float(gmacs.mean()), float(ratio.mean())
+        forwards = len(usage) if forwards is None else forwards
+    elif forwards is None:
+        raise ValueError("no usage recorded (a static model): pass forwards, the network calls per image")
+    else:
+        per_forward, flops_ratio = static, 1.0
     return {
-        "flops_ratio": float(ratio.mean()),
-        "gmacs_per_forward": float(gmacs.mean()),
-        "gmacs_per_image": float(gmacs.sum() * cfg_batches),
-        "static_gmacs_per_forward": spec.static_macs / 1e9,
-        "static_gmacs_per_image": spec.static_macs / 1e9 * len(usage) * cfg_batches,
-        "steps": len(usage),
+        "flops_ratio": flops_ratio,
+        "gmacs_per_forward": per_forward,
+        "gmacs_per_image": per_forward * forwards * cfg_batches,
+        "static_gmacs_per_forward": static,
+        "static_gmacs_per_image": static * forwards * cfg_batches,
+        "forwards": forwards,
     }
+
+
+def sampling_forwards(model, sampler: str, steps: int) -> int:
+    """Network calls per image of one ``sampler`` run of ``steps`` steps (guidance halves not counted)."""
+    from dydit.sampling import make_process
+
+    return len(make_process(model, sampler, steps).sampling_timesteps())
 
 
 def plan_table(usage, spec: FlopsSpec) -> str:
