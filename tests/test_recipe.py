@@ -156,12 +156,11 @@ def test_finetune_help_lists_at_most_25_options():
 
 
 def test_python_finetune_and_the_cli_make_the_same_model(tmp_path):
-    from dydit.dynamic.finetune import finetune
-
     sets = ["optim.steps=3", "optim.batch_size=8", "optim.seed=3", "flops.ramp_steps=1", "warmup.steps=1",
             "feedback.every=2", "feedback.images=2", "feedback.steps=2", "calibration.images=2"]
     recipe = get_recipe("fmnist-0.7").with_sets(sets).replace(target=0.8)
-    result = finetune(default_model_path(), tmp_path / "py", recipe, limit_data=16, ckpt_every=3, progress=False)
+    result = dydit.finetune(default_model_path(), tmp_path / "py", recipe, limit_data=16, ckpt_every=3,
+                            progress=False)
     res = CliRunner().invoke(app, ["finetune", str(default_model_path()), "--out", str(tmp_path / "cli"),
                                    "--recipe", "fmnist-0.7", "--target", "0.8", *_sets(*sets),
                                    "--limit-data", "16", "--ckpt-every", "3"])

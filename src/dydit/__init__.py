@@ -24,4 +24,13 @@ def dynamize(model, config=None, **kwargs):
     return _dynamize(model, config, **kwargs)
 
 
-__all__ = ["DiT", "DiTConfig", "CONFIGS", "build_model", "build_config", "load", "save", "dynamize", "__version__"]
+def finetune(init, out, recipe=None, **kwargs):
+    """Fine-tunes a static checkpoint into a DyDiT under a recipe, as `dydit finetune` does (see
+    :func:`dydit.dynamic.finetune.finetune`)."""
+    from dydit.dynamic.finetune import finetune as _finetune
+
+    return _finetune(init, out, recipe, **kwargs)
+
+
+__all__ = ["DiT", "DiTConfig", "CONFIGS", "build_model", "build_config", "load", "save", "dynamize", "finetune",
+           "__version__"]
