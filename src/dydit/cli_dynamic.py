@@ -69,6 +69,10 @@ def finetune(
     if "calibration_skipped" in result.summary:
         typer.echo(f"calibration skipped: {result.summary['calibration_skipped']}", err=True)
     if not result.finished:
+        from dydit.train import dist_info
+
+        if dist_info()[0] == 0:  # the other DDP ranks never finish: rank 0 saves
+            typer.echo(f"stopped before the last step; {out}/checkpoint.pt continues with --resume")
         return
     if resolved.peft.method != "none":
         typer.echo(f"adapters + routers: {result.weights} (apply to {init} with dydit.peft.load_adapters)")
