@@ -54,7 +54,9 @@ def test_block_skip_runs_no_block_work_when_gated_off():
         for b in model.blocks:
             b.block_gate.router.bias.fill_(-100.0)
             b.block_gate.router.weight.zero_()
-    x, c = torch.randn(2, 16, model.config.hidden_size), torch.randn(2, model.config.hidden_size)
-    ctx = DynamicContext("fast")
-    ctx.begin_forward(model, torch.zeros(2), c)
-    assert torch.equal(model.blocks[0](x, c, c, dyn=ctx), x)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        tokens, c, _ = model.embed(x, t, y)
+        through_no_block = model.unpatchify(model.final_layer(tokens, c))
+        assert torch.equal(model(x, t, y, dyn=DynamicContext("fast")), through_no_block)
+        assert not torch.equal(model(x, t, y, dyn="complete"), through_no_block)

@@ -70,17 +70,18 @@ def test_skipped_step_is_block0_plus_cached_residual():
     t1, t2, y = torch.tensor([500, 500]), torch.tensor([480, 480]), torch.tensor([1, 2])
     cache = FirstBlockCache(rdt=1e9, warmup=0)
     with torch.no_grad():
-        full1 = model(x1, t1, y, cache=cache)
-        out2 = model(x2, t2, y, cache=cache)
+        with cached(model, cache):
+            full1 = model(x1, t1, y)
+            out2 = model(x2, t2, y)
         assert torch.equal(full1, model(x1, t1, y))  # a full step is the plain forward
         # by construction: rest residual from step 1, block 0 of step 2
         tok, c, te = model.embed(x1, t1, y)
-        b0 = model.blocks[0](tok, c, te)
+        b0 = model.blocks[0](tok, c)
         rest = b0
         for block in model.blocks[1:]:
-            rest = block(rest, c, te)
+            rest = block(rest, c)
         tok2, c2, te2 = model.embed(x2, t2, y)
-        expect = model.unpatchify(model.final_layer(model.blocks[0](tok2, c2, te2) + (rest - b0), c2))
+        expect = model.unpatchify(model.final_layer(model.blocks[0](tok2, c2) + (rest - b0), c2))
         assert torch.equal(out2, expect)
         assert not torch.allclose(out2, model(x2, t2, y))  # the skip really changed the output
     assert [s.skipped for s in cache.history] == [False, True]
@@ -90,12 +91,12 @@ def test_batch_size_change_raises_within_a_run():
     model = tiny()
     cache = FirstBlockCache(rdt=0.1)
     t, x = torch.tensor(10), torch.randn(3, 4, 8, 8)
-    with torch.no_grad():
-        model(x[:2], t, torch.tensor([0, 1]), cache=cache)
+    with torch.no_grad(), cached(model, cache):
+        model(x[:2], t, torch.tensor([0, 1]))
         with pytest.raises(ValueError, match="batch size must stay constant"):
-            model(x, t, torch.tensor([0, 1, 2]), cache=cache)
+            model(x, t, torch.tensor([0, 1, 2]))
         cache.start()  # a new run may use another batch size
-        model(x, t, torch.tensor([0, 1, 2]), cache=cache)
+        model(x, t, torch.tensor([0, 1, 2]))
     # with num_steps, consecutive sampling runs of different batch sizes need no start()
     cache = FirstBlockCache(rdt=0.1, num_steps=3)
     with cached(model, cache):
@@ -152,6 +153,6 @@ def test_cached_rejects_models_without_the_hook():
         def forward(self, x):
             return x
 
-    with pytest.raises(TypeError, match="cache"):
+    with pytest.raises(TypeError, match="First-Block-Cache"):
         with cached(NoHook(), FirstBlockCache()):
             pass

@@ -3,6 +3,8 @@ the `dydit sample` command."""
 import numpy as np
 import pytest
 import torch
+
+from dydit.dynamic import DynamicContext, dynamize
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,28 +27,29 @@ def tiny(name, **kw):
     return randomize(build_model(name, **kw))
 
 
-class RecordingContext:
-    """A stand-in DynamicContext: records what the sampler planned and what the network was asked."""
+class RecordingContext(DynamicContext):
+    """A fast DynamicContext that records what the sampler planned and what the network was asked."""
 
     def __init__(self):
+        super().__init__("fast")
         self.planned, self.queried = None, []
 
     def prepare(self, model, process):
         self.planned = process.sampling_timesteps()
+        super().prepare(model, process)
 
     def begin_forward(self, model, t, t_emb):
         assert bool((t == t[0]).all())  # one timestep per forward, both CFG halves included
         self.queried.append(float(t[0]))
-
-    def active(self, block):
-        return False
+        super().begin_forward(model, t, t_emb)
 
 
 @pytest.mark.parametrize("name,method", ALL)
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
 def test_plan_timesteps_are_exactly_the_queried_ones(name, method, cfg_scale):
     ctx = RecordingContext()
-    sample(tiny(name), [1, 2], method, 4, cfg_scale=cfg_scale, dyn=ctx)
+    sample(dynamize(tiny(name)), [1, 2], method, 4, cfg_scale=cfg_scale, dyn=ctx)
+    assert set(ctx.plan.steps) == {round(t, 6) for t in ctx.planned}  # the plan covers exactly those
     assert len(ctx.queried) == (8 if method == "heun" else 4)
     assert ctx.queried == pytest.approx(ctx.planned, abs=1e-6)
     if name == "DiT-Tiny":  # original 1000-step units, from high noise down

@@ -9,10 +9,10 @@ residual from that step is reused::
 otherwise every block runs and the cache is refreshed. Comparing against the last *full* step (as
 ParaAttention does) rather than the previous step means slow drift still triggers a refresh.
 
-A backbone opts in by handing its block loop to :meth:`FirstBlockCache.run_blocks` (DiT/SiT take
-``forward(..., cache=)``). Dynamic models work unchanged: the DynamicContext passes through to the
-blocks, and a skipped step skips their dynamic compute too. Any sampler uses it through
-:func:`cached`, which patches the model's forward for the duration of a ``with`` block::
+The cache hooks the block list the model's adapter names (:mod:`dydit.dynamic.adapters`), so a
+backbone needs no cache argument. Dynamic models work unchanged: their blocks run their dynamic
+forward under the hook, and a skipped step skips their dynamic compute too. Any sampler uses it
+through :func:`cached`, which hooks the blocks for the duration of a ``with`` block::
 
     cache = FirstBlockCache(rdt=0.1, warmup=1, num_steps=50)
     with cached(model, cache):
@@ -24,7 +24,6 @@ size must stay constant within a sampling run.
 """
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,6 +89,7 @@ class FirstBlockCache:
         self._ref_residual = None  # (B, N, D) block 0 residual at the last full step
         self._rest_residual = None  # (B, N, D) residual of blocks 1..L-1 at the last full step
         self._consecutive = 0
+        self._skipping = False
 
     # ---- statistics ----
     @property
@@ -128,9 +128,8 @@ class FirstBlockCache:
             return False
         return self.max_consecutive is None or self._consecutive < self.max_consecutive
 
-    def run_blocks(self, model, tokens: torch.Tensor, *block_args) -> torch.Tensor:
-        """Runs ``model.blocks`` on tokens (B, N, D), each as ``block(tokens, *block_args)``, skipping if allowed."""
-        blocks = model.blocks
+    def _first(self, block, depth: int, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Block 0 under the cache: runs it, decides whether blocks 1..L-1 are skipped at this step."""
         if self._step is None or (self.num_steps is not None and self._step >= self.num_steps):
             self.start()
             self._step, self._shape, self._run = 0, tuple(tokens.shape), self._run + 1
@@ -140,50 +139,86 @@ class FirstBlockCache:
                 f"{tuple(tokens.shape)}; the batch size must stay constant within a sampling run "
                 "(call cache.start() between runs, or give num_steps)"
             )
-        first = blocks[0](tokens, *block_args)  # (B, N, D)
+        first = type(block).forward(block, tokens, *args, **kwargs)  # (B, N, D)
         residual = first - tokens
         distance = relative_l1(residual, self._ref_residual) if self._ref_residual is not None else None
-        skip = self._may_skip(self._step) and distance < self.rdt
-        if skip:
-            out = first + self._rest_residual
+        self._skipping = self._may_skip(self._step) and distance < self.rdt
+        self._depth, self._distance = depth, distance
+        if self._skipping:
             self._consecutive += 1
-        else:
-            out = first
-            for block in blocks[1:]:
-                out = block(out, *block_args)
-            self._ref_residual = residual.detach()
-            self._rest_residual = (out - first).detach()
-            self._consecutive = 0
-        self.history.append(CacheStep(self._run, self._step, tokens.shape[0], len(blocks), distance, skip))
-        self._step += 1
+            self._end_step()
+            return first + self._rest_residual
+        self._first_out, self._first_residual = first, residual
+        if depth == 1:
+            return self._finish_full(first)
+        return first
+
+    def _rest(self, block, last: bool, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Blocks 1..L-1: the identity while skipping (block 0 added their cached residual), else run."""
+        if self._skipping:
+            return tokens
+        out = type(block).forward(block, tokens, *args, **kwargs)
+        return self._finish_full(out) if last else out
+
+    def _finish_full(self, out):
+        self._ref_residual = self._first_residual.detach()
+        self._rest_residual = (out - self._first_out).detach()
+        self._first_out = self._first_residual = None
+        self._consecutive = 0
+        self._end_step()
         return out
+
+    def _end_step(self):
+        self.history.append(CacheStep(self._run, self._step, self._shape[0], self._depth, self._distance,
+                                      self._skipping))
+        self._step += 1
+
+
+class _CachedForward:
+    """Instance ``forward`` of one block while a cache is applied (the block's class forward underneath)."""
+
+    def __init__(self, cache, block, position: int, depth: int):
+        self.cache, self.block, self.position, self.depth = cache, block, position, depth
+
+    def __call__(self, *args, **kwargs):
+        if self.position == 0:
+            return self.cache._first(self.block, self.depth, *args, **kwargs)
+        return self.cache._rest(self.block, self.position == self.depth - 1, *args, **kwargs)
+
+
+def cache_blocks(model) -> list:
+    """The main block list a cache applies to: the model adapter's blocks (or ``model.blocks``)."""
+    from dydit.dynamic.adapters import model_adapter
+
+    adapter = model_adapter(model, required=False)
+    if adapter is not None:
+        return adapter.blocks(model)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+        raise TypeError(f"{type(model).__name__} has no registered adapter and no `blocks` list: "
+                        "First-Block-Cache cannot find the blocks to cache")
+    return list(blocks)
 
 
 @contextmanager
 def cached(model, cache: FirstBlockCache):
-    """Within the block, every ``model(...)`` / ``model.forward(...)`` call runs with ``cache=cache``.
+    """Within the block, every forward of ``model`` runs its blocks under ``cache``.
 
-    Samplers need no change; the cache starts a new run on entry. Yields the cache.
+    The cache hooks the model's blocks (diffusers-hook style: an instance ``forward`` on each block that
+    wraps the class's own), so the backbone needs no cache argument and samplers need no change; the
+    cache starts a new run on entry. Yields the cache.
     """
-    if "cache" not in inspect.signature(type(model).forward).parameters:
-        raise TypeError(f"{type(model).__name__}.forward takes no cache= argument; it cannot use feature caching")
-    previous = model.__dict__.get("forward")
-    inner = model.forward
-
-    def forward(*args, **kwargs):
-        if kwargs.get("cache") is None:
-            kwargs["cache"] = cache
-        return inner(*args, **kwargs)
-
-    model.forward = forward  # an instance attribute: nn.Module.__call__ and forward_with_cfg both find it
+    blocks = cache_blocks(model)
+    for i, block in enumerate(blocks):
+        if "forward" in block.__dict__:
+            raise ValueError("this model's blocks already carry a cache; nest no second `cached(...)`")
+        block.forward = _CachedForward(cache, block, i, len(blocks))
     cache.start()
     try:
         yield cache
     finally:
-        if previous is None:
-            del model.forward
-        else:
-            model.forward = previous
+        for block in blocks:
+            block.__dict__.pop("forward", None)
 
 
 def cached_macs(spec: FlopsSpec, cache: FirstBlockCache, usage=None, cfg_batches: int = 1) -> dict:

@@ -9,7 +9,6 @@ order) and ``sample(model_fn, noise, progress, generator)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -18,14 +17,6 @@ from dydit.diffusion.gaussian import GaussianDiffusion, ddim_or_even_spacing
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": FLOW_SAMPLERS}
-
-
-@dataclass
-class SamplerSpec:
-    method: str = "ddim"
-    num_steps: int = 50
-    cfg_scale: float = 1.0
-    guided_channels: int | None = 3  # DiT convention; None guides all channels (flow: always all)
 
 
 def default_sampler(model) -> str:
@@ -63,8 +54,9 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
     None guides every channel; flow models always guide the full velocity, as SiT does.
     """
     num_classes = model.config.num_classes
+    kw = {"dyn": dyn} if dyn is not None else {}  # a dynamic model without one uses its own default
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, labels, dyn=dyn)
+        return lambda x, t: model(x, t, labels, **kw)
     if model.y_embedder.dropout_prob <= 0:
         raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
@@ -73,7 +65,7 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
     def fn(x, t):  # (B, C, H, W), (B,) -> (B, C_out, H, W), guided
         xx = torch.cat([x, x])
         tt = torch.cat([t, t])
-        out = model.forward_with_cfg(xx, tt, y, cfg_scale, guided_channels=gc, dyn=dyn)
+        out = model.forward_with_cfg(xx, tt, y, cfg_scale, guided_channels=gc, **kw)
         return out[: len(x)]
 
     return fn
@@ -84,8 +76,9 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
            guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None):
     """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models).
 
-    ``progress`` wraps the step loop (e.g. tqdm); ``dyn.prepare(model, process)`` runs first so a fast
-    DyDiT plans the widths of every timestep the sampler will query.
+    ``progress`` wraps the step loop (e.g. tqdm). A dynamic model samples on the fast engine unless
+    ``dyn`` says otherwise (a :class:`dydit.dynamic.DynamicContext` or a mode name: ``"masked"``,
+    ``"complete"``); its plan covers every timestep the sampler will query before the first step.
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -102,8 +95,13 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
     was_training = model.training
     model.eval()  # training mode would drop labels and draw gumbel noise in the routers
     try:
-        if dyn is not None:
-            dyn.prepare(model, process)
+        ctx = dyn if dyn is not None else getattr(model, "_dydit_context", None)
+        if ctx is None and getattr(model, "dynamic_config", None) is not None:
+            from dydit.dynamic.context import default_context
+
+            ctx = default_context(model)
+        if hasattr(ctx, "prepare"):
+            ctx.prepare(model, process)
         return process.sample(fn, noise, progress=progress, generator=gen)
     finally:
         model.train(was_training)

@@ -5,38 +5,50 @@ import logging
 
 import torch
 
+from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
 from dydit.dynamic.config import DynamicConfig
+from dydit.dynamic.engine import install
 from dydit.dynamic.routers import TokenRouter, WidthRouter
 
 log = logging.getLogger(__name__)
 
 
 def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
-    """Attaches DyDiT routers to every block, in place; returns the model.
+    """Attaches DyDiT routers to every routable block, in place, and makes the model dynamic; returns it.
 
-    The routers start fully on, so the result computes exactly the static function until fine-tuned.
-    ``reorder`` first ranks heads and MLP channels by weight magnitude (the paper's importance
-    ranking) so the always-on head/group is the most important one; the static function is unchanged.
+    Works for any backbone with a registered adapter (:mod:`dydit.dynamic.adapters`): each head unit
+    gets a width router (on the timestep embedding E_t) under the unit's router name, each group unit
+    likewise, the token router and the block-skip gate go where the block's spec names them. The
+    routers start fully on, so the result computes exactly the static function until fine-tuned.
+    ``reorder`` first ranks heads and MLP channels by weight magnitude (the paper's importance ranking)
+    so the always-on head/group is the most important one; the static function is unchanged.
     """
     config = config or DynamicConfig()
     if getattr(model, "dynamic_config", None) is not None:
         raise ValueError("model is already dynamic")
     if reorder:
         reorder_by_importance(model)
-    D = model.config.hidden_size
-    for i, block in enumerate(model.blocks):
-        H = block.attn.num_heads
-        if block.mlp.fc1.out_features % H:
-            raise ValueError(f"MLP hidden size {block.mlp.fc1.out_features} is not divisible into {H} groups")
-        dev = block.attn.qkv.weight.device
+    for block in model_adapter(model).blocks(model):
+        adapter = block_adapter(block)
+        if adapter is None:
+            continue
+        spec = adapter.spec(block, model)
+        dev = next(block.parameters()).device
+        for name in [u.router for u in spec.units] + [GATE, spec.token_router]:
+            if name is not None:
+                setattr(block, name, None)  # every router slot exists; None = not routed
         if config.width:
-            block.attn_rate = WidthRouter(D, H, config.always_on, config.width_bias_init).to(dev)
-            block.mlp_rate = WidthRouter(D, H, config.always_on, config.width_bias_init).to(dev)
+            for unit in spec.units:
+                setattr(block, unit.router, WidthRouter(spec.width_dim, unit.num_slots, config.always_on,
+                                                        config.width_bias_init).to(dev))
         if config.block_skip:
-            block.block_gate = WidthRouter(D, 1, always_on=False, bias_init=config.width_bias_init).to(dev)
-        if config.tokens:
-            block.token_selection = TokenRouter(D, config.token_hidden_ratio, config.token_bias_init).to(dev)
+            setattr(block, GATE, WidthRouter(spec.width_dim, 1, always_on=False,
+                                             bias_init=config.width_bias_init).to(dev))
+        if config.tokens and spec.token_router is not None:
+            setattr(block, spec.token_router, TokenRouter(spec.token_dim, config.token_hidden_ratio,
+                                                          config.token_bias_init).to(dev))
     model.dynamic_config = config
+    install(model)
     return model
 
 
@@ -67,28 +79,51 @@ def copy_routers(src, dst):
 
 @torch.no_grad()
 def reorder_by_importance(model):
-    """Permutes heads and MLP channels of every block by descending weight magnitude, in place.
+    """Permutes the slots of every routed unit by descending weight magnitude, in place.
 
-    Head importance: L1 norm of its q/k/v rows and its output-projection columns. Channel importance:
-    L1 norm of its fc1 row times that of its fc2 column. Groups are contiguous chunks of the sorted
-    channels, so group 0 (always on) holds the most important channels.
+    A slot's importance is the L1 norm of everything it spans (a head: its q/k/v rows and its
+    output-projection columns; an MLP channel: its fc1 row times its fc2 column, ranked per channel and
+    then cut into contiguous groups), so slot 0 (always on) is the most important one. Generic over the
+    spans of the block adapters; the static function is unchanged.
     """
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        D, H, hd = attn.qkv.in_features, attn.num_heads, attn.head_dim
-        w = attn.qkv.weight.view(3, H, hd, D)
-        score = w.abs().sum(dim=(0, 2, 3)) + attn.proj.weight.view(D, H, hd).abs().sum(dim=(0, 2))
-        order = torch.argsort(score, descending=True)
-        attn.qkv.weight.copy_(w[:, order].reshape(3 * D, D))
-        if attn.qkv.bias is not None:
-            attn.qkv.bias.copy_(attn.qkv.bias.view(3, H, hd)[:, order].reshape(-1))
-        attn.proj.weight.copy_(attn.proj.weight.view(D, H, hd)[:, order].reshape(D, D))
-        ch_score = mlp.fc1.weight.abs().sum(1) * mlp.fc2.weight.abs().sum(0)
-        ch_order = torch.argsort(ch_score, descending=True)
-        mlp.fc1.weight.copy_(mlp.fc1.weight[ch_order])
-        mlp.fc1.bias.copy_(mlp.fc1.bias[ch_order])
-        mlp.fc2.weight.copy_(mlp.fc2.weight[:, ch_order])
+    for block in model_adapter(model).blocks(model):
+        adapter = block_adapter(block)
+        if adapter is None:
+            continue
+        spec = adapter.spec(block, model)
+        for unit in spec.heads:
+            score = sum(_span_view(block, s, unit.num_slots, unit.slot_size).abs().sum(dim=(1, 2))
+                        for s in unit.spans)
+            _permute(block, unit, torch.argsort(score, descending=True), unit.num_slots, unit.slot_size)
+        for unit in spec.groups:
+            channels = unit.num_slots * unit.slot_size
+            score = None
+            for s in unit.spans:  # channel score: product over the linears it spans (fc1 row × fc2 column)
+                part = _span_view(block, s, channels, 1).abs().sum(dim=(1, 2))
+                score = part if score is None else score * part
+            _permute(block, unit, torch.argsort(score, descending=True), channels, 1)
     return model
+
+
+def _span_view(block, span, num: int, size: int) -> torch.Tensor:
+    """The span's weight part as (num, size, other)."""
+    w = block.get_submodule(span.linear).weight
+    if span.axis == "out":
+        return w[span.offset : span.offset + num * size].reshape(num, size, -1)
+    return w[:, span.offset : span.offset + num * size].t().reshape(num, size, -1)
+
+
+def _permute(block, unit, order: torch.Tensor, num: int, size: int):
+    for span in unit.spans:
+        linear = block.get_submodule(span.linear)
+        lo, hi = span.offset, span.offset + num * size
+        w = linear.weight
+        if span.axis == "out":
+            w[lo:hi] = w[lo:hi].reshape(num, size, -1)[order].reshape(num * size, -1)
+            if linear.bias is not None:
+                linear.bias[lo:hi] = linear.bias[lo:hi].reshape(num, size)[order].reshape(-1)
+        else:
+            w[:, lo:hi] = w[:, lo:hi].reshape(-1, num, size)[:, order].reshape(-1, num * size)
 
 
 def detect_dydit_layout(state: dict, num_heads: int | None = None) -> DynamicConfig | None:

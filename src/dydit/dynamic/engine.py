@@ -1,81 +1,204 @@
-"""Dynamic forward of an adaLN-Zero transformer block (DiT, SiT; Latte's spatial and temporal blocks).
+"""The dynamic engine: how a routed block runs, for every backbone, in every mode.
 
-``masked``/``train`` modes compute everything and multiply by router masks (the reference the authors
-released); ``fast`` runs narrower matmuls with the plan's sliced weights and sends only the selected
-tokens of the whole batch through the MLP.
+:func:`install` makes a model dynamic without editing its file: the model's class and each routed
+block's class are swapped for thin subclasses (peft-style module replacement; state-dict keys and
+``isinstance`` are unchanged) whose ``forward`` resolves a :class:`DynamicContext` and hands each block
+to its adapter's dynamic forward with a :class:`BlockRun`:
+
+- ``masked`` / ``train``: everything is computed and the router masks multiply head outputs, MLP
+  channel groups and token updates (the authors' released computation; the equality reference);
+- ``fast``: every :meth:`BlockRun.linear` runs the Linear restricted to the plan's active rows/columns,
+  and only the kept tokens of the whole batch run the token-routed MLP;
+- ``complete``: routers bypassed, the full network (the warm-up's complete model, on request only).
+
+A plain call ``model(x, t, y)`` of a dynamic model routes: the fast engine when the batch shares one
+timestep, the masked computation otherwise (and training masks in train mode with gradients on).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from dydit.dynamic.ops import gather_tokens, masked_heads, masked_mlp, scatter_add_tokens, sliced_attention, sliced_mlp
-from dydit.models.layers import modulate
+from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
+from dydit.dynamic.ops import gather_tokens, scatter_add_tokens
+
+_RUNNING: list = []  # stack of the contexts of the dynamic forwards in progress (None: complete)
 
 
-def dynamic_block_forward(block, x, c, t_emb, dyn):
-    """x: (B, N, D) tokens; c: (B, D) conditioning; t_emb: (B, D) router input."""
-    i = dyn.next_block()
-    cfg = dyn.dynamic_config
-    width = cfg.width and block.attn_rate is not None
-    tokens = cfg.tokens and block.token_selection is not None
-    gated = block.block_gate is not None
-    H = block.attn.num_heads
-    if dyn.mode == "fast" and gated and len(dyn.step_width[i].heads) == 0:  # block skipped at this step
-        if dyn.record_usage:
-            dyn.record_fast(i, 0, 0, 0)
-        return x
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-    h = modulate(block.norm1(x), shift_msa, scale_msa)
+def _pick_rows(v):
+    return v.unsqueeze(1)
 
-    if dyn.mode == "fast":
-        bw = dyn.step_width[i]
-        # weight providers that depend on t (merged TD-LoRA) are used even at full width
-        always = getattr(dyn.weights, "always_slice", False)
-        if always or (width and len(bw.heads) < H):
-            qkv_w, qkv_b, proj_w, proj_b = dyn.weights.attention(block, bw.heads)
-            attn_out = sliced_attention(h, qkv_w, qkv_b, proj_w, proj_b, len(bw.heads), block.attn.head_dim)
-        else:
-            attn_out = block.attn(h)
-        x = x + gate_msa.unsqueeze(1) * attn_out
-        narrow_mlp = always or (width and len(bw.groups) < H)
-        if narrow_mlp:
-            fc1_w, fc1_b, fc2_w, fc2_b = dyn.weights.mlp(block, bw.groups, H)
-            mlp = lambda z: sliced_mlp(z, fc1_w, fc1_b, fc2_w, fc2_b, block.mlp.act)  # noqa: E731
-        else:
-            mlp = block.mlp
-        if tokens:
-            keep = block.token_selection.logits(x) > 0  # (B, N)
+
+class BlockRun:
+    """One routed block's view of the current forward; the API adapters write their forward against."""
+
+    def __init__(self, ctx, block, index: int):
+        self.ctx, self.block, self.index = ctx, block, index
+        binding = ctx.binding
+        self.spec = binding.specs[index]
+        self.fast = ctx.current_mode == "fast"
+        self.token_mask = None
+        self.kept = None
+        if self.fast:
+            self.width = ctx.step_width[index]
+            self.skipped = self.width.skipped
+            return
+        self.skipped = False
+        training = ctx.current_mode == "train"
+        E = ctx.t_emb
+        self.masks = {}
+        for unit in self.spec.units:
+            router = getattr(block, unit.router, None)
+            self.masks[unit.name] = router(E, ctx.tau, training, ctx.noise) if router is not None else None
+        gate = getattr(block, GATE, None)
+        self.run_mask = gate(E, ctx.tau, training, ctx.noise) if gate is not None else None  # (B, 1)
+
+    # ---- width ----
+    def num_heads(self, unit: str) -> int:
+        if self.fast:
+            return len(self.width.slots[unit])
+        return self.spec.unit(unit).num_heads
+
+    def linear(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """``block.<path>(x)``; on the fast path the Linear restricted to the active rows and columns."""
+        module = self.ctx.binding.module(self.index, path)
+        if not self.fast:
+            return module(x)
+        rows, cols = self.ctx.binding.indices(self.index, self.width, path, module)
+        w, b = self.ctx.weights.restricted(module, rows, cols, (self.width.key, path))
+        return F.linear(x, w, b)
+
+    def _apply(self, unit_name: str, out: torch.Tensor, repeat: int) -> torch.Tensor:
+        mask = None if self.fast else self.masks.get(unit_name)
+        if mask is None:
+            return out
+        unit = self.spec.unit(unit_name)
+        if repeat > 1:  # rows of ``out`` are samples repeated (e.g. Latte's frames folded into the batch)
+            mask = mask.repeat_interleave(repeat, dim=0)
+        shape = out.shape
+        view = out.view(*shape[:-1], unit.num_slots, unit.slot_size)
+        m = mask.view(mask.shape[0], *([1] * (len(shape) - 2)), unit.num_slots, 1).to(out.dtype)
+        return (view * m).reshape(shape)
+
+    def mask_heads(self, unit: str, out: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """Concatenated head outputs (B, ..., H·hd) times the head mask (masked modes; identity when fast)."""
+        return self._apply(unit, out, repeat)
+
+    def mask_groups(self, unit: str, a: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """MLP pre-activations (B, ..., hidden) times the group mask (act(0) = 0, so masking before the
+        activation removes the channel); identity when fast."""
+        return self._apply(unit, a, repeat)
+
+    # ---- block skip ----
+    def gate_update(self, update: torch.Tensor) -> torch.Tensor:
+        """A residual update (B, ...) times the block gate (masked modes of the block-skip ablation)."""
+        if self.fast or self.run_mask is None:
+            return update
+        return update * self.run_mask.view(-1, *([1] * (update.ndim - 1))).to(update.dtype)
+
+    # ---- tokens ----
+    def token_update(self, unit: str, x: torch.Tensor, update_fn) -> torch.Tensor:
+        """x + update of the token-routed branch ``unit``; x: (B, N, D).
+
+        ``update_fn(z, pick)`` computes the branch's residual update for tokens ``z`` — all of x (B, N, D),
+        or on the fast path only the kept tokens of the whole batch (M, D) — where ``pick(v)`` aligns a
+        per-sample tensor v (B, D) with z's rows.
+        """
+        name = self.spec.unit(unit).token_router
+        router = getattr(self.block, name, None) if name is not None else None
+        if self.fast:
+            if router is None:
+                self.kept = x.shape[0] * x.shape[1]
+                return x + update_fn(x, _pick_rows)
+            keep = router.keep(x)  # (B, N)
             xs, flat_idx, sample_idx = gather_tokens(x, keep)  # (M, D)
-            hs = block.norm2(xs) * (1 + scale_mlp.index_select(0, sample_idx)) + shift_mlp.index_select(0, sample_idx)
-            update = mlp(hs) * gate_mlp.index_select(0, sample_idx)
-            x = scatter_add_tokens(x, flat_idx, update)
-            kept = flat_idx.numel()
-        else:
-            x = x + gate_mlp.unsqueeze(1) * mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
-            kept = x.shape[0] * x.shape[1]
-        if dyn.record_usage:
-            dyn.record_fast(i, len(bw.heads) if width else H, len(bw.groups) if width else H, kept)
-        return x
+            self.kept = flat_idx.numel()
+            return scatter_add_tokens(x, flat_idx, update_fn(xs, lambda v: v.index_select(0, sample_idx)))
+        update = update_fn(x, _pick_rows)
+        if router is not None:
+            self.token_mask = router(x, self.ctx.tau, self.ctx.current_mode == "train", self.ctx.noise)
+            update = update * self.token_mask.unsqueeze(-1).to(update.dtype)
+        return x + self.gate_update(update)
 
-    training = dyn.mode == "train"
-    head_mask = block.attn_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
-    run = block.block_gate(t_emb, dyn.tau, training, dyn.noise) if gated else None  # (B, 1)
-    heads = block.attn.heads(h)
-    if head_mask is not None:
-        heads = masked_heads(heads, head_mask, H)
-    attn_update = gate_msa.unsqueeze(1) * block.attn.proj(heads)
-    x = x + (attn_update * run.unsqueeze(-1).to(attn_update.dtype) if run is not None else attn_update)
-    token_mask = block.token_selection(x, dyn.tau, training, dyn.noise) if tokens else None
-    group_mask = block.mlp_rate(t_emb, dyn.tau, training, dyn.noise) if width else None
-    hm = modulate(block.norm2(x), shift_mlp, scale_mlp)
-    mlp_out = masked_mlp(block.mlp, hm, group_mask) if group_mask is not None else block.mlp(hm)
-    update = gate_mlp.unsqueeze(1) * mlp_out
-    if token_mask is not None:
-        update = update * token_mask.unsqueeze(-1).to(update.dtype)
-    if run is not None:  # the FLOPs accounting sees a skipped block as zero heads and zero groups
-        update = update * run.unsqueeze(-1).to(update.dtype)
-        ones = torch.ones(len(run), H, device=run.device, dtype=run.dtype)
-        head_mask = (head_mask if head_mask is not None else ones) * run
-        group_mask = (group_mask if group_mask is not None else ones) * run
-    dyn.record(head_mask, group_mask, token_mask)
-    return x + update
+    def finish(self):
+        ctx = self.ctx
+        if self.fast:
+            if ctx.record_usage:
+                w = self.width
+                ctx.record_fast(self.index, len(w.heads) if w.heads is not None else 0,
+                                len(w.groups) if w.groups is not None else 0, self.kept or 0)
+            return
+        masks = dict(self.masks)
+        if self.run_mask is not None:  # the FLOPs accounting sees a skipped block as zero heads and groups
+            run = self.run_mask
+            for unit in self.spec.units:
+                m = masks[unit.name]
+                ones = torch.ones(len(run), unit.num_slots, device=run.device, dtype=run.dtype)
+                masks[unit.name] = (m if m is not None else ones) * run
+        ctx.record(self.spec, masks, self.token_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# the swapped-in forwards
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_forward(self, *args, dyn=None, **kwargs):
+    base = type(self)._dydit_base
+    from dydit.dynamic.context import resolve_context
+
+    ctx = resolve_context(self, dyn)
+    if ctx is None:  # the complete network, on explicit request
+        _RUNNING.append(None)
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            _RUNNING.pop()
+    t, t_emb = model_adapter(self).router_input(self, args, kwargs)
+    ctx.begin_forward(self, t, t_emb)
+    _RUNNING.append(ctx)
+    try:
+        return base.forward(self, *args, **kwargs)
+    finally:
+        _RUNNING.pop()
+
+
+def _block_forward(self, *args, **kwargs):
+    ctx = _RUNNING[-1] if _RUNNING else None
+    index = ctx.binding.position(self) if ctx is not None else None
+    if index is None:  # outside a dynamic forward of its model: the static block
+        return type(self)._dydit_base.forward(self, *args, **kwargs)
+    run = BlockRun(ctx, self, index)
+    out = block_adapter(self).forward(self, run, *args, **kwargs)
+    run.finish()
+    return out
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _dynamic_class(cls: type, forward) -> type:
+    if getattr(cls, "_dydit_base", None) is not None:
+        return cls
+    if cls not in _CLASSES:
+        # Same name, so saved files, reprs and error messages keep the backbone's own class name.
+        _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_dydit_base": cls,
+                                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _CLASSES[cls]
+
+
+def install(model):
+    """Swaps the model's and its routed blocks' classes for their dynamic subclasses (idempotent)."""
+    adapter = model_adapter(model)
+    for block in adapter.blocks(model):
+        if block_adapter(block) is None:
+            raise TypeError(f"{type(block).__name__} has no registered dydit block adapter; register one with "
+                            "dydit.dynamic.adapters.register_block_adapter (see docs/ARCHITECTURE.md)")
+        block.__class__ = _dynamic_class(type(block), _block_forward)
+    model.__class__ = _dynamic_class(type(model), _model_forward)
+    return model
+
+
+def base_class(module) -> type:
+    """The backbone's own class of a (possibly dynamic) module."""
+    return getattr(type(module), "_dydit_base", None) or type(module)

@@ -1,8 +1,9 @@
 """Analytic FLOPs accounting (paper convention: multiply-accumulates, attention matmuls included).
 
-Generic in tokens N, width D, heads H, depth and MLP ratio. A backbone describes itself as a list of
-:class:`BlockFlops` plus the cost of its non-block parts; the dynamic ratio, the FLOPs loss and every
-report are computed from that description, so Latte/FLUX only add their own description.
+Generic over the routed units of the block adapters (:mod:`dydit.dynamic.adapters`): a unit's MACs are
+its share of every Linear it spans times the tokens through it, plus, for attention, the QK^T and AV
+matmuls quadratic in the attention length. The dynamic ratio, the FLOPs loss and every report are
+computed from that description, so a new backbone adds no FLOPs code of its own.
 """
 from __future__ import annotations
 
@@ -10,19 +11,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
+
 
 @dataclass
 class BlockFlops:
     """MACs of one transformer block for one sample at full width and all tokens."""
 
-    attn: float  # qkv + QK^T + AV + proj: 4ND^2 + 2N^2D
-    mlp: float  # fc1 + fc2 over all tokens: 2 N D hidden
+    attn: float  # the head units: projections + QK^T + AV (DiT: 4ND^2 + 2N^2D)
+    mlp: float  # the group units over all tokens (DiT: 2 N D hidden)
     num_heads: int
     num_groups: int
     num_tokens: int
-    modulation: float = 0.0  # adaLN linear (not scaled by the routers)
+    modulation: float = 0.0  # MACs the routers never scale (adaLN linear, …)
     width_router: float = 0.0  # per sample per step (in the plan: once per step for the whole batch)
     token_router: float = 0.0  # per sample
+    units: dict = field(default_factory=dict)  # routed unit name -> its MACs (attn/mlp are their sums)
+    token_units: tuple = ()  # units whose tokens the token router gates
+    kind: str = "block"
 
 
 @dataclass
@@ -50,39 +56,55 @@ def mlp_macs(N: int, D: int, hidden: int) -> float:
     return 2 * N * D * hidden
 
 
-def dit_flops_spec(model) -> FlopsSpec:
-    """FlopsSpec of a DiT/SiT (static or dynamic) from its config alone."""
-    c = model.config
-    N, D, H = c.num_tokens, c.hidden_size, c.num_heads
-    hidden = int(D * c.mlp_ratio)
-    dyn = getattr(model, "dynamic_config", None)
-    token_hidden = D // dyn.token_hidden_ratio if dyn is not None else 0
-    blocks = []
-    for _ in range(c.depth):
-        width_out = (H - 1 if (dyn is None or dyn.always_on) else H) if dyn is not None and dyn.width else 0
-        width_out += 0.5 if dyn is not None and dyn.block_skip else 0  # one gate: D MACs, counted as 2·D·0.5
-        blocks.append(
-            BlockFlops(
-                attn=attention_macs(N, D),
-                mlp=mlp_macs(N, D, hidden),
-                num_heads=H,
-                num_groups=H,
-                num_tokens=N,
-                modulation=D * 6 * D,
-                width_router=2 * D * width_out,
-                token_router=(N * (D * token_hidden + token_hidden)) if dyn is not None and dyn.tokens else 0.0,
-            )
-        )
-    p2c = c.patch_size**2 * c.in_channels
-    embed = N * p2c * D + 256 * D + D * D
-    final = D * 2 * D + N * D * c.patch_size**2 * c.out_channels
-    return FlopsSpec(blocks=blocks, embed=embed, final=final)
+def unit_macs(block, unit) -> float:
+    """Per-sample MACs of one routed unit at full width: its share of every Linear it spans, plus the
+    attention matmuls (QK^T and AV, quadratic in the attention length) for a head unit."""
+    macs = 0
+    width = unit.num_slots * unit.slot_size
+    for span in unit.spans:
+        linear = block.get_submodule(span.linear)
+        other = linear.in_features if span.axis == "out" else linear.out_features
+        macs += span.tokens * width * other
+    if hasattr(unit, "seq_len"):
+        macs += unit.instances * 2 * unit.seq_len * unit.seq_len * width
+    return macs
+
+
+def _linear_macs(module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def block_flops(block, spec) -> BlockFlops:
+    """The FLOPs description of one block from its adapter's spec (and the routers attached to it)."""
+    units = {u.name: unit_macs(block, u) for u in spec.units}
+    width_router = sum(_linear_macs(getattr(block, name))
+                       for name in [u.router for u in spec.units] + [GATE] if getattr(block, name, None) is not None)
+    token = getattr(block, spec.token_router, None) if spec.token_router else None
+    return BlockFlops(
+        attn=sum(units[u.name] for u in spec.heads),
+        mlp=sum(units[u.name] for u in spec.groups),
+        num_heads=spec.heads[0].num_heads if spec.heads else 0,
+        num_groups=spec.groups[0].num_groups if spec.groups else 0,
+        num_tokens=spec.num_tokens,
+        modulation=spec.fixed_macs,
+        width_router=width_router,
+        token_router=spec.num_tokens * _linear_macs(token) if token is not None else 0.0,
+        units=units,
+        token_units=tuple(u.name for u in spec.groups if u.token_router is not None and token is not None),
+        kind=spec.kind,
+    )
 
 
 def flops_spec(model) -> FlopsSpec:
-    if hasattr(model, "flops_spec"):
-        return model.flops_spec()
-    return dit_flops_spec(model)
+    """FlopsSpec of any registered backbone (static or dynamic), from its block adapters."""
+    adapter = model_adapter(model)
+    blocks = []
+    for block in adapter.blocks(model):
+        ba = block_adapter(block)
+        if ba is not None:
+            blocks.append(block_flops(block, ba.spec(block, model)))
+    embed, final = adapter.other_macs(model)
+    return FlopsSpec(blocks=blocks, embed=embed, final=final)
 
 
 def static_gmacs(model) -> float:
@@ -92,15 +114,19 @@ def static_gmacs(model) -> float:
 def dynamic_ratio(spec: FlopsSpec, records) -> torch.Tensor:
     """Per-sample r_b = Σ_l[(h_l/H)F_attn + (g_l/G)(n_l/N)F_mlp] / Σ_l(F_attn + F_mlp), differentiable.
 
-    ``records`` holds one entry per routed block with head_mask (B, H), group_mask (B, G) and
-    token_mask (B, N) or None (None = full).
+    ``records`` holds one :class:`dydit.dynamic.context.BlockUsage` per routed block (masks (B, slots)
+    per unit, token_mask (B, N); None = full). Every routed unit counts with its own share.
     """
     total = None
     for bf, rec in zip(spec.blocks, records):
-        heads = rec.head_mask.float().mean(1) if rec.head_mask is not None else 1.0
-        groups = rec.group_mask.float().mean(1) if rec.group_mask is not None else 1.0
         tokens = rec.token_mask.float().mean(1) if rec.token_mask is not None else 1.0
-        term = heads * bf.attn + groups * tokens * bf.mlp
+        term = None
+        for name, macs in bf.units.items():
+            m = rec.masks.get(name)
+            share = m.float().mean(1) if m is not None else 1.0
+            if name in bf.token_units:
+                share = share * tokens
+            term = share * macs if term is None else term + share * macs
         total = term if total is None else total + term
     if not torch.is_tensor(total):
         total = torch.tensor(float(total))

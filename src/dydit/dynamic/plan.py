@@ -1,73 +1,128 @@
-"""The inference plan: per sampler timestep, per block, which heads and MLP channel groups run.
+"""The inference plan: per sampler timestep, per block, which slots of every routed unit run.
 
 Width routers see only the timestep embedding, so the whole plan is known before sampling starts.
-Sliced weights for each distinct active set are cached (memory-bounded) and shared by every step that
-uses the same set, so a step runs a static, narrower network.
+Weights restricted to each distinct active set are cached (memory-bounded) and shared by every step
+that uses the same set, so a step runs a static, narrower network.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from dydit.dynamic.ops import group_rows, head_rows, qkv_rows
+from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
 
 
-@dataclass
 class BlockWidth:
-    heads: torch.Tensor  # (h,) active head ids, ascending
-    groups: torch.Tensor  # (g,) active MLP channel-group ids, ascending
+    """Active slots of every routed unit of one block at one timestep."""
 
-    def key(self):
-        return tuple(self.heads.tolist()), tuple(self.groups.tolist())
+    def __init__(self, heads=None, groups=None, slots: dict | None = None, primary=("attn", "mlp"),
+                 skipped: bool = False):
+        """Either ``slots`` (unit name -> active ids) with the names of the primary head and group unit, or
+        ``heads``/``groups`` tensors for a block with one unit of each (named by ``primary``)."""
+        if slots is None:
+            slots = {primary[0]: heads, primary[1]: groups}
+        self.slots = {k: v for k, v in slots.items() if v is not None}
+        self.primary = primary
+        self.skipped = skipped
+        self.key = (skipped, tuple((k, tuple(v.tolist())) for k, v in sorted(self.slots.items())))
+
+    @property
+    def heads(self):
+        return self.slots.get(self.primary[0])
+
+    @property
+    def groups(self):
+        return self.slots.get(self.primary[1])
 
 
 def time_key(t: float) -> float:
     return round(float(t), 6)
 
 
+def _fingerprint(model, blocks, specs):
+    """Version counters of what the plan depends on: the width routers, gates and the router input."""
+    tensors = []
+    for block, spec in zip(blocks, specs):
+        for name in [u.router for u in spec.units] + [GATE]:
+            r = getattr(block, name, None)
+            if r is not None:
+                tensors += list(r.parameters())
+    for m in model_adapter(model).router_input_modules(model):
+        tensors += list(m.parameters())
+    return tuple((id(p), p._version) for p in tensors)
+
+
 class WidthPlan:
-    """Maps a model-unit timestep to one :class:`BlockWidth` per routed block."""
+    """Maps a model-unit timestep to one :class:`BlockWidth` per routed block of one model."""
 
     def __init__(self):
         self.steps: dict[float, list[BlockWidth]] = {}
+        self._model = None
+        self._fingerprint = None
+
+    def _check(self, model, blocks, specs):
+        if self._model is not None and self._model() is not model:
+            self.steps.clear()  # never apply another model's plan
+        self._model = weakref.ref(model)
+        fp = _fingerprint(model, blocks, specs)
+        if self._fingerprint is not None and fp != self._fingerprint:
+            self.steps.clear()  # routers or the timestep embedder changed since the plan was made
+        self._fingerprint = fp
 
     @torch.no_grad()
     def compute(self, model, timesteps) -> "WidthPlan":
-        """Evaluates every block's width routers at each timestep (one batched call per block)."""
-        ts = torch.as_tensor(list(timesteps), dtype=torch.float32, device=next(model.parameters()).device)
-        new = [t for t in ts.tolist() if time_key(t) not in self.steps]
+        """Evaluates every block's width routers at each timestep (one batched call per router)."""
+        adapter = model_adapter(model)
+        blocks = [b for b in adapter.blocks(model) if block_adapter(b) is not None]
+        specs = [block_adapter(b).spec(b, model) for b in blocks]
+        self._check(model, blocks, specs)
+        device = next(model.parameters()).device
+        new = sorted({time_key(t) for t in torch.as_tensor(list(timesteps), dtype=torch.float32).tolist()}
+                     - set(self.steps))
         if not new:
             return self
-        t_emb = model.t_embedder(torch.tensor(new, device=ts.device))  # (T, D)
+        t_emb = adapter.timestep_embedding(model, torch.tensor(new, device=device))  # (T, D)
         per_block = []
-        for block in routed_blocks(model):
-            H = block.attn.num_heads
-            if block.attn_rate is not None and model.dynamic_config.width:
-                hm = block.attn_rate(t_emb, training=False) > 0.5  # (T, H)
-                gm = block.mlp_rate(t_emb, training=False) > 0.5
-            else:
-                hm = torch.ones(len(new), H, dtype=torch.bool, device=ts.device)
-                gm = hm
-            if getattr(block, "block_gate", None) is not None:  # skipped block: no heads, no groups
-                run = block.block_gate(t_emb, training=False) > 0.5  # (T, 1)
-                hm, gm = hm & run, gm & run
-            per_block.append((hm, gm))
+        for block, spec in zip(blocks, specs):
+            masks = {}
+            for unit in spec.units:
+                router = getattr(block, unit.router, None)
+                masks[unit.name] = (router.active(t_emb) if router is not None
+                                    else torch.ones(len(new), unit.num_slots, dtype=torch.bool, device=device))
+            gate = getattr(block, GATE, None)
+            run = gate.active(t_emb)[:, 0] if gate is not None else torch.ones(len(new), dtype=torch.bool)
+            primary = (spec.heads[0].name if spec.heads else None, spec.groups[0].name if spec.groups else None)
+            per_block.append((masks, run.cpu(), primary))
         for i, t in enumerate(new):
-            self.steps[time_key(t)] = [
-                BlockWidth(hm[i].nonzero().squeeze(1).cpu(), gm[i].nonzero().squeeze(1).cpu()) for hm, gm in per_block
-            ]
+            widths = []
+            for masks, run, primary in per_block:
+                skipped = not bool(run[i])
+                slots = {k: (m[i] & ~torch.tensor(skipped)).nonzero().squeeze(1).cpu() for k, m in masks.items()}
+                widths.append(BlockWidth(slots=slots, primary=primary, skipped=skipped))
+            self.steps[time_key(t)] = widths
         return self
 
     def get(self, model, t: float) -> list[BlockWidth]:
         k = time_key(t)
-        if k not in self.steps:
+        if self._model is None or self._model() is not model or k not in self.steps:
             self.compute(model, [t])
+        elif self._fingerprint is not None:
+            adapter = model_adapter(model)
+            blocks = [b for b in adapter.blocks(model) if block_adapter(b) is not None]
+            specs = [block_adapter(b).spec(b, model) for b in blocks]
+            if _fingerprint(model, blocks, specs) != self._fingerprint:
+                self.compute(model, [t])
         return self.steps[k]
 
 
 def routed_blocks(model):
-    return [b for b in model.modules() if getattr(b, "is_dynamic", False) is True]
+    """The blocks of a dynamic model that carry routers."""
+    adapter = model_adapter(model, required=False)
+    if adapter is None or getattr(model, "dynamic_config", None) is None:
+        return []
+    return [b for b in adapter.blocks(model) if block_adapter(b) is not None]
 
 
 @dataclass
@@ -78,58 +133,68 @@ class _Cache:
 
 
 class SlicedWeights:
-    """Cache of narrowed weights keyed by (block, active set); falls back to slicing per call when
-    the cache would exceed ``max_bytes`` (weights are then gathered on the fly, nothing is kept)."""
+    """Narrowed weights of the fast path, cached by (Linear, active set) up to ``max_bytes``.
+
+    Beyond the budget a restriction is gathered on the fly and not kept. An entry is dropped when its
+    weight has changed in place since (an optimizer step, a merge): the tensor's version counter moved.
+    A layer with timestep-dependent weights (unmerged TD-LoRA experts: ``needs_merged_weights`` and
+    ``merged_weight(t_emb, rows, cols)``) is folded at each step's E_t, so the step runs plain narrow
+    matmuls with no adapter matmuls.
+    """
 
     def __init__(self, max_bytes: int = 2 * 1024**3):
         self.cache = _Cache(max_bytes)
+        self.t_key: float | None = None
+        self.t_emb: torch.Tensor | None = None  # (1, D)
 
-    def _store(self, key, tensors):
+    def begin_step(self, t: float, t_emb: torch.Tensor):
+        """Called once per fast forward by the context: the step's timestep and its E_t row."""
+        self.t_key = time_key(t)
+        self.t_emb = t_emb[:1].detach()
+
+    def _store(self, key, stamp, tensors):
         size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        old = self.cache.entries.pop(key, None)
+        if old is not None:
+            self.cache.used -= old[2]
         if self.cache.used + size <= self.cache.max_bytes:
-            self.cache.entries[key] = tensors
+            self.cache.entries[key] = (stamp, tensors, size)
             self.cache.used += size
         return tensors
 
-    def attention(self, block, heads: torch.Tensor):
-        attn = block.attn
-        key = (id(block), "attn", tuple(heads.tolist()))
-        hit = self.cache.entries.get(key)
+    @torch.no_grad()
+    def _merged(self, module, rows, cols, key):
+        if self.t_emb is None:
+            raise RuntimeError("merged fast-path weights need the step's E_t: run through a DynamicContext")
+        k = (id(module), self.t_key, key)
+        hit = self.cache.entries.get(k)
         if hit is not None:
-            return hit
-        D = attn.qkv.in_features
-        dev = attn.qkv.weight.device
-        heads = heads.to(dev)
-        rows = qkv_rows(heads, attn.head_dim, D)
-        cols = head_rows(heads, attn.head_dim)
-        qkv_b = attn.qkv.bias.index_select(0, rows) if attn.qkv.bias is not None else None
-        return self._store(
-            key,
-            (
-                attn.qkv.weight.index_select(0, rows).contiguous(),
-                qkv_b,
-                attn.proj.weight.index_select(1, cols).contiguous(),
-                attn.proj.bias,
-            ),
-        )
+            return hit[1]
+        b = module.bias
+        if b is not None and rows is not None:
+            b = b.index_select(0, rows)
+        return self._store(k, None, (module.merged_weight(self.t_emb, rows, cols), b))
 
-    def mlp(self, block, groups: torch.Tensor, num_groups: int):
-        mlp = block.mlp
-        key = (id(block), "mlp", tuple(groups.tolist()))
-        hit = self.cache.entries.get(key)
-        if hit is not None:
-            return hit
-        dev = mlp.fc1.weight.device
-        rows = group_rows(groups.to(dev), mlp.fc1.out_features // num_groups)
-        return self._store(
-            key,
-            (
-                mlp.fc1.weight.index_select(0, rows).contiguous(),
-                mlp.fc1.bias.index_select(0, rows),
-                mlp.fc2.weight.index_select(1, rows).contiguous(),
-                mlp.fc2.bias,
-            ),
-        )
+    def restricted(self, module, rows, cols, key):
+        """(weight, bias) of Linear ``module`` restricted to output ``rows`` and input ``cols`` (None: all)."""
+        if getattr(module, "needs_merged_weights", False):
+            return self._merged(module, rows, cols, key)
+        if rows is None and cols is None:
+            return module.weight, module.bias
+        w = module.weight
+        stamp = (w._version, w.data_ptr())
+        k = (id(module), key)
+        hit = self.cache.entries.get(k)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        if rows is not None:
+            w = w.index_select(0, rows)
+        if cols is not None:
+            w = w.index_select(1, cols)
+        b = module.bias
+        if b is not None and rows is not None:
+            b = b.index_select(0, rows)
+        return self._store(k, stamp, (w.contiguous(), b))
 
     def clear(self):
         self.cache = _Cache(self.cache.max_bytes)

@@ -9,6 +9,11 @@ import torch
 import torch.nn as nn
 
 
+def is_on(logits: torch.Tensor) -> torch.Tensor:
+    """The one inference threshold of every router: a slot, token or block runs where its logit > 0."""
+    return logits > 0
+
+
 def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, noise: float = 1.0) -> torch.Tensor:
     """Hard 0/1 mask. Train: gumbel-sigmoid forward as a step, backward through the soft sigmoid.
     Eval: plain threshold at logit 0, no noise.
@@ -17,7 +22,7 @@ def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, noise: 
     masks the eval masks, so the FLOPs loss constrains the ratio the inference engine will realise.
     """
     if not training:
-        return (logits > 0).to(logits.dtype)
+        return is_on(logits).to(logits.dtype)
     u1 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     u2 = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
     g1, g2 = -torch.log(-torch.log(u1)), -torch.log(-torch.log(u2))
@@ -50,6 +55,14 @@ class WidthRouter(nn.Module):
             mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         return mask  # (B, num_slots)
 
+    @torch.no_grad()
+    def active(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """Boolean inference mask (B, num_slots): the plan's active slots."""
+        on = is_on(self.logits(t_emb))
+        if self.always_on:
+            on = torch.cat([torch.ones_like(on[:, :1]), on], dim=1)
+        return on
+
 
 class TokenRouter(nn.Module):
     """Per-token gate for the MLP branch: (B, N, D) -> (B, N) 0/1 mask."""
@@ -66,3 +79,7 @@ class TokenRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
         return gumbel_sigmoid_ste(self.logits(x).float(), tau, training, noise)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean inference mask (B, N): the tokens the fast path runs."""
+        return is_on(self.logits(x))

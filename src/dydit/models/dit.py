@@ -4,9 +4,8 @@ The parameter names and layout are those of the official DiT, so its ``.pt`` sta
 strict matching. SiT is the same network trained for flow matching; the released SiT checkpoints keep
 DiT's 2C-channel final layer and return only the first C channels, which ``out_channels_used`` models.
 
-Every block can become dynamic (DyDiT): :func:`dydit.dynamize` attaches width and token routers to the
-blocks, and the forward pass then delegates the attention and MLP branches to :mod:`dydit.dynamic`,
-which is shared by every backbone.
+This file knows nothing of DyDiT: :func:`dydit.dynamize` makes any registered backbone dynamic from
+outside (:mod:`dydit.dynamic.adapters`; the DiT adapter is :mod:`dydit.dynamic.backbones.dit`).
 """
 from __future__ import annotations
 
@@ -80,11 +79,7 @@ class DiTConfig:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: x += g1·Attn(mod(LN(x))); x += g2·MLP(mod(LN(x))).
-
-    ``attn_rate``, ``mlp_rate`` and ``token_selection`` are the DyDiT routers (None for a static
-    model); their names match the authors' checkpoints. ``block_gate`` is the block-skip ablation's.
-    """
+    """adaLN-Zero block: x += g1·Attn(mod(LN(x))); x += g2·MLP(mod(LN(x)))."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -93,21 +88,9 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.attn_rate = None
-        self.mlp_rate = None
-        self.token_selection = None
-        self.block_gate = None
 
-    @property
-    def is_dynamic(self) -> bool:
-        return self.attn_rate is not None or self.token_selection is not None or self.block_gate is not None
-
-    def forward(self, x, c, t_emb=None, dyn=None):
-        """x: (B, N, D) tokens; c: (B, D) conditioning; t_emb: (B, D) timestep embedding for routers."""
-        if dyn is not None and dyn.active(self):
-            from dydit.dynamic.engine import dynamic_block_forward
-
-            return dynamic_block_forward(self, x, c, t_emb, dyn)
+    def forward(self, x, c):
+        """x: (B, N, D) tokens; c: (B, D) conditioning."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -188,14 +171,11 @@ class DiT(nn.Module):
         y_emb = self.y_embedder(y, self.training, force_drop_ids)
         return x, t_emb + y_emb, t_emb
 
-    def forward(self, x, t, y, dyn=None, cache=None, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None):
         """x: (B, C, H, W); t: (B,) timesteps in the backbone's units; y: (B,) labels.
 
-        ``dyn`` is a :class:`dydit.dynamic.DynamicContext` selecting how routed blocks run
-        (training masks, masked reference, or the fast inference plan); None runs the static network.
-        ``cache`` (e.g. :class:`dydit.cache.FirstBlockCache`) runs the block loop and may reuse work
-        across sampling steps; None runs every block. ``force_drop_ids`` (B,), 1 = null label, replaces
-        the random label dropout of training (the official DiT's LabelEmbedder argument).
+        ``force_drop_ids`` (B,), 1 = null label, replaces the random label dropout of training (the
+        official DiT's LabelEmbedder argument).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -204,28 +184,24 @@ class DiT(nn.Module):
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        tokens, c, t_emb = self.embed(x, t, y, force_drop_ids)
-        if dyn is not None:
-            dyn.begin_forward(self, t, t_emb)
-        if cache is not None:
-            tokens = cache.run_blocks(self, tokens, c, t_emb, dyn)
-        else:
-            for block in self.blocks:
-                tokens = block(tokens, c, t_emb, dyn)
+        tokens, c, _ = self.embed(x, t, y, force_drop_ids)
+        for block in self.blocks:
+            tokens = block(tokens, c)
         out = self.unpatchify(self.final_layer(tokens, c))
         if self.config.out_channels_used is not None:
             out = out[:, : self.config.out_channels_used]
         return out
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3, dyn=None, cache=None):
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3, **kwargs):
         """Classifier-free guidance with the conditional and unconditional halves in one batch.
 
         x, t, y hold both halves (first half conditional). ``guided_channels`` = 3 is the DiT
         convention (guide the first three latent channels); None guides every predicted channel.
+        ``kwargs`` go to ``forward`` (a dynamic model's ``dyn=``, for one).
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y, dyn=dyn, cache=cache)
+        model_out = self.forward(combined, t, y, **kwargs)
         C = self.in_channels
         n = C if guided_channels is None else min(guided_channels, C)
         eps, rest = model_out[:, :n], model_out[:, n:]
@@ -233,10 +209,6 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-    # ---- accounting helpers used by dydit.dynamic.flops ----
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
 #################################################################################

@@ -4,7 +4,6 @@ from dydit.peft.td_lora import (
     TDLoRALinear,
     TDLoRAWeights,
     apply_td_lora,
-    has_td_lora,
     load_adapters,
     save_adapters,
     td_lora_fast_context,
@@ -12,6 +11,6 @@ from dydit.peft.td_lora import (
 )
 
 __all__ = [
-    "TDLoRAConfig", "TDLoRALinear", "TDLoRAWeights", "apply_td_lora", "has_td_lora", "load_adapters",
+    "TDLoRAConfig", "TDLoRALinear", "TDLoRAWeights", "apply_td_lora", "load_adapters",
     "save_adapters", "td_lora_fast_context", "trainable_report",
 ]

@@ -4,7 +4,6 @@ from dydit.peft.td_lora.layer import TDLoRALinear, TimestepState
 from dydit.peft.td_lora.model import (
     TDLoRAWeights,
     apply_td_lora,
-    has_td_lora,
     load_adapters,
     read_adapter_config,
     save_adapters,
@@ -14,7 +13,7 @@ from dydit.peft.td_lora.model import (
 )
 
 __all__ = [
-    "TDLoRAConfig", "TDLoRALinear", "TimestepState", "TDLoRAWeights", "apply_td_lora", "has_td_lora",
+    "TDLoRAConfig", "TDLoRALinear", "TimestepState", "TDLoRAWeights", "apply_td_lora",
     "load_adapters", "read_adapter_config", "save_adapters", "td_lora_fast_context", "td_lora_layers",
     "trainable_report",
 ]

@@ -99,6 +99,11 @@ class TDLoRALinear(nn.Module):
         self.r[name], self.num_experts[name], self.scaling[name] = r, K, lora_alpha / r
         self.active_adapters.append(name)
 
+    @property
+    def needs_merged_weights(self) -> bool:
+        """True while an active adapter is unmerged: the fast path must fold it in (TDLoRAWeights)."""
+        return any(n not in self.merged_adapters for n in self.active_adapters)
+
     def set_adapter(self, names: str | list[str]):
         names = [names] if isinstance(names, str) else list(names)
         missing = [n for n in names if n not in self.lora_A]

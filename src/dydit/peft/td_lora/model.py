@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from dydit.dynamic.context import DynamicContext
 from dydit.dynamic.convert import _is_router_name
-from dydit.dynamic.ops import group_rows, head_rows, qkv_rows
 from dydit.dynamic.plan import SlicedWeights, time_key
 from dydit.peft.td_lora.config import TDLoRAConfig
 from dydit.peft.td_lora.layer import TDLoRALinear, TimestepState, capture_t_emb
@@ -41,10 +40,6 @@ def td_lora_layers(model) -> dict[str, TDLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TDLoRALinear)}
 
 
-def has_td_lora(model) -> bool:
-    return any(isinstance(m, TDLoRALinear) for m in model.modules())
-
-
 def _find_targets(model, targets: list[str]):
     """(path, parent, attribute, linear) for every block linear whose path ends with a target name."""
     found, hits = [], {t: 0 for t in targets}
@@ -63,20 +58,6 @@ def _find_targets(model, targets: list[str]):
         raise ValueError(f"TD-LoRA target_modules {unmatched} match no linear layer in the blocks; "
                          f"block linears are: {names}")
     return found
-
-
-def _dynamic_contexts(args, kwargs):
-    return [a for a in (*args, *kwargs.values()) if isinstance(a, DynamicContext)]
-
-
-def _check_fast_weights(block, args, kwargs):
-    """Block pre-hook: the plain fast path would slice the bare base weights and silently drop the adapters."""
-    for ctx in _dynamic_contexts(args, kwargs):
-        if ctx.mode == "fast" and not getattr(ctx.weights, "merges_td_lora", False):
-            if any(_is_adapted(m) for m in block.modules()):
-                raise ValueError("this model has unmerged TD-LoRA adapters: sample in fast mode with "
-                                 "dydit.peft.td_lora_fast_context(model) (or use DynamicContext('masked'))")
-    return None
 
 
 def apply_td_lora(model, config: TDLoRAConfig | None = None, adapter_name: str = "default"):
@@ -99,8 +80,6 @@ def apply_td_lora(model, config: TDLoRAConfig | None = None, adapter_name: str =
         state = TimestepState()
         t_embedder.td_lora_state = state
         t_embedder.register_forward_hook(capture_t_emb)
-        for block in model.blocks:
-            block.register_forward_pre_hook(_check_fast_weights, with_kwargs=True)
 
     D = model.config.hidden_size
     for _, parent, attr, module in targets:
@@ -288,82 +267,12 @@ def _is_adapted(layer) -> bool:
 
 
 class TDLoRAWeights(SlicedWeights):
-    """Fast-path weights with the adapters folded in: W0[rows, cols] + Σ a_k(E_t)·(α/r)·B_k[rows] A_k[:, cols].
+    """Fast-path weights with the adapters folded in per timestep: W0[rows, cols] + Σ a_k(E_t)·(α/r)·B_k[rows] A_k[:, cols].
 
-    Entries are keyed by (block, timestep, active set) and kept within ``max_bytes`` like the parent's
-    (beyond it, they are recomputed each step). The cache assumes frozen weights: call ``clear()``
-    after changing them.
+    The folding itself is generic (:class:`dydit.dynamic.plan.SlicedWeights` folds every layer that
+    reports ``needs_merged_weights``); this class names it for adapter users. The cache assumes frozen
+    weights: call ``clear()`` after changing them.
     """
-
-    always_slice = True  # adapted layers must never run their own (adapter-matmul) forward in fast mode
-    merges_td_lora = True
-
-    def __init__(self, max_bytes: int = 2 * 1024**3):
-        super().__init__(max_bytes)
-        self.t_key: float | None = None
-        self.t_emb: torch.Tensor | None = None  # (1, D)
-
-    def begin_step(self, t: float, t_emb: torch.Tensor):
-        """Called once per forward by the context: the step's timestep and its E_t row."""
-        self.t_key = time_key(t)
-        self.t_emb = t_emb[:1].detach()
-
-    def _step(self):
-        if self.t_emb is None:
-            raise RuntimeError("TDLoRAWeights used before begin_step: run it through DynamicContext('fast')")
-        return self.t_key
-
-    @torch.no_grad()
-    def attention(self, block, heads: torch.Tensor):
-        attn = block.attn
-        full = len(heads) == attn.num_heads
-        if not (_is_adapted(attn.qkv) or _is_adapted(attn.proj)):
-            if full:  # no copy: the base weights are already the full-width weights
-                return attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias
-            return super().attention(block, heads)
-        key = (id(block), "attn", self._step(), tuple(heads.tolist()))
-        hit = self.cache.entries.get(key)
-        if hit is not None:
-            return hit
-        dev = attn.qkv.weight.device
-        heads = heads.to(dev)
-        rows = None if full else qkv_rows(heads, attn.head_dim, attn.qkv.in_features)
-        cols = None if full else head_rows(heads, attn.head_dim)
-        qkv_b = attn.qkv.bias
-        if qkv_b is not None and rows is not None:
-            qkv_b = qkv_b.index_select(0, rows)
-        return self._store(key, (_narrow(attn.qkv, self.t_emb, rows=rows), qkv_b,
-                                 _narrow(attn.proj, self.t_emb, cols=cols), attn.proj.bias))
-
-    @torch.no_grad()
-    def mlp(self, block, groups: torch.Tensor, num_groups: int):
-        mlp = block.mlp
-        full = len(groups) == num_groups
-        if not (_is_adapted(mlp.fc1) or _is_adapted(mlp.fc2)):
-            if full:
-                return mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
-            return super().mlp(block, groups, num_groups)
-        key = (id(block), "mlp", self._step(), tuple(groups.tolist()))
-        hit = self.cache.entries.get(key)
-        if hit is not None:
-            return hit
-        dev = mlp.fc1.weight.device
-        rows = None if full else group_rows(groups.to(dev), mlp.fc1.out_features // num_groups)
-        fc1_b = mlp.fc1.bias if rows is None else mlp.fc1.bias.index_select(0, rows)
-        return self._store(key, (_narrow(mlp.fc1, self.t_emb, rows=rows), fc1_b,
-                                 _narrow(mlp.fc2, self.t_emb, cols=rows), mlp.fc2.bias))
-
-
-def _narrow(layer, t_emb, rows=None, cols=None) -> torch.Tensor:
-    """The layer's weight at this timestep, restricted to output ``rows`` / input ``cols``."""
-    if isinstance(layer, TDLoRALinear):
-        return layer.merged_weight(t_emb, rows, cols)
-    w = layer.weight
-    if rows is not None:
-        w = w.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(1, cols)
-    return w.contiguous()
 
 
 def td_lora_fast_context(model, max_cache_bytes: int = 2 * 1024**3, record_usage: bool = False) -> DynamicContext:

@@ -1,0 +1,90 @@
+"""DiT / SiT through the adapter registry: one routed attention, one routed MLP, tokens through the MLP.
+
+The units are those of the authors' DyDiT: heads span the fused qkv rows (q, k and v blocks of D rows)
+and the output projection's columns (router ``attn_rate``); MLP channel groups span fc1's rows and
+fc2's columns (``mlp_rate``); the token router ``token_selection`` sees the tokens after the attention
+update and gates which of them run the MLP. The width routers see E_t, the timestep embedding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dydit.dynamic.adapters import (BlockAdapter, BlockSpec, GroupUnit, HeadUnit, ModelAdapter, Span,
+                                    register_block_adapter, register_model_adapter)
+from dydit.models.dit import DiT, DiTBlock
+from dydit.models.layers import modulate
+
+
+class DiTBlockAdapter(BlockAdapter):
+    def spec(self, block: DiTBlock, model: DiT) -> BlockSpec:
+        N = model.config.num_tokens
+        D = block.attn.qkv.in_features
+        H, hd = block.attn.num_heads, block.attn.head_dim
+        hidden = block.mlp.fc1.out_features
+        if hidden % H:
+            raise ValueError(f"MLP hidden size {hidden} is not divisible into {H} groups")
+        heads = HeadUnit("attn", "attn_rate", H, hd, seq_len=N, spans=(
+            Span("attn.qkv", "out", 0, N), Span("attn.qkv", "out", D, N), Span("attn.qkv", "out", 2 * D, N),
+            Span("attn.proj", "in", 0, N)))
+        groups = GroupUnit("mlp", "mlp_rate", H, hidden // H, token_router="token_selection", spans=(
+            Span("mlp.fc1", "out", 0, N), Span("mlp.fc2", "in", 0, N)))
+        return BlockSpec(heads=(heads,), groups=(groups,), width_dim=D, token_router="token_selection",
+                         token_dim=D, num_tokens=N, fixed_macs=D * 6 * D)
+
+    def forward(self, block: DiTBlock, run, x, c):
+        """x: (B, N, D) tokens; c: (B, D) conditioning."""
+        if run.skipped:
+            return x
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        h = modulate(block.norm1(x), shift_msa, scale_msa)
+        B, N, _ = h.shape
+        nh, hd = run.num_heads("attn"), block.attn.head_dim
+        if nh == 0:
+            attn_out = run.linear("attn.proj", h.new_zeros(B, N, 0))
+        else:
+            qkv = run.linear("attn.qkv", h).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, hd)
+            o = run.mask_heads("attn", o.transpose(1, 2).reshape(B, N, nh * hd))
+            attn_out = run.linear("attn.proj", o)
+        x = x + run.gate_update(gate_msa.unsqueeze(1) * attn_out)
+
+        def mlp_update(z, pick):  # z: the tokens that run the MLP; pick(v) aligns per-sample rows with them
+            hz = block.norm2(z) * (1 + pick(scale_mlp)) + pick(shift_mlp)
+            a = run.mask_groups("mlp", run.linear("mlp.fc1", hz))
+            return pick(gate_mlp) * run.linear("mlp.fc2", block.mlp.act(a))
+
+        return run.token_update("mlp", x, mlp_update)
+
+
+class DiTModelAdapter(ModelAdapter):
+    def blocks(self, model: DiT):
+        return list(model.blocks)
+
+    def router_input(self, model: DiT, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        t = args[1] if len(args) > 1 else kwargs["t"]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return t, model.t_embedder(t)
+
+    def router_input_modules(self, model: DiT):
+        return [model.t_embedder]
+
+    def timestep_embedding(self, model: DiT, t):
+        return model.t_embedder(t)
+
+    def other_macs(self, model: DiT):
+        c = model.config
+        N, D = c.num_tokens, c.hidden_size
+        embed = N * c.patch_size**2 * c.in_channels * D + 256 * D + D * D
+        final = D * 2 * D + N * D * c.patch_size**2 * c.out_channels
+        return embed, final
+
+    def num_tokens(self, model: DiT) -> int:
+        return model.config.num_tokens
+
+
+register_block_adapter(DiTBlock, DiTBlockAdapter())
+register_model_adapter(DiT, DiTModelAdapter())
