@@ -14,9 +14,11 @@ def randomize(model, seed=0, scale=0.3):
 
 def scramble_routers(model, seed=1):
     """Router weights that switch heads, groups and tokens on and off across timesteps and blocks."""
+    from dydit.dynamic.plan import routed_blocks
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for block in model.blocks:
+        for block in routed_blocks(model):
             for r in (block.attn_rate, block.mlp_rate):
                 if r is not None:
                     r.router.weight.copy_(torch.randn(r.router.weight.shape, generator=g))
