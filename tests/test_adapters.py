@@ -170,12 +170,31 @@ def test_shipped_models_sample_bit_for_bit_as_before_the_adapters():
 
     ref = load_file(Path(__file__).parent / "data" / "embedded_samples.safetensors")
     root = Path(default_model_path()).parent  # the assets folder
-    for name in ("fmnist_dit", "fmnist_dydit_0.7", "fmnist_dydit_0.5"):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the reference's thread count: matmul blocking, hence rounding, depends on it
+    try:
+        _compare_embedded(ref, root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_embedded(ref, root):
+    # Control: the static model's numerics were not touched by the refactor. If even it differs, this
+    # machine rounds differently from the one that wrote the reference, and only closeness can be asked.
+    static = sample(dydit.load(root / "fmnist_dit").eval(), [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3)
+    same_platform = torch.equal(static, ref["fmnist_dit"])
+
+    def check(out, key):
+        if same_platform:
+            assert torch.equal(out, ref[key]), key
+        else:
+            assert rel_err(out, ref[key]) < 1e-5, key
+
+    check(static, "fmnist_dit")
+    for name in ("fmnist_dydit_0.7", "fmnist_dydit_0.5"):
         model = dydit.load(root / name).eval()
-        assert torch.equal(sample(model, [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3), ref[name]), name
-        if name + ".masked" in ref:
-            masked = sample(model, [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3, dyn="masked")
-            assert torch.equal(masked, ref[name + ".masked"]), name
+        check(sample(model, [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3), name)
+        check(sample(model, [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3, dyn="masked"), name + ".masked")
 
 
 def test_python_m_dydit_help():

@@ -1,4 +1,6 @@
+"""Wrote embedded_samples.safetensors with the pre-adapter engine (commit 3d37458), 2 CPU threads."""
 import torch, dydit
+torch.set_num_threads(2)
 from dydit.dynamic import DynamicContext
 from dydit.sampling import sample
 from safetensors.torch import save_file
