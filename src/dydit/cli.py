@@ -1,7 +1,6 @@
 """The `dydit` command."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import fields
 from typing import Optional

@@ -4,7 +4,6 @@ torch.set_num_threads(2)
 from dydit.dynamic import DynamicContext
 from dydit.sampling import sample
 from safetensors.torch import save_file
-from dydit.assets import *  # noqa
 import dydit.assets as A, os
 root = os.path.dirname(A.__file__)
 out = {}

@@ -1,4 +1,4 @@
-"""The FLOPs-constrained objective (METHOD.md §4): w·(mean_b r_b − λ_t)², with λ_t ramping 1 → λ."""
+"""The FLOPs-constrained objective: w·(mean_b r_b − λ_t)², with λ_t ramping 1 → λ."""
 from __future__ import annotations
 
 import torch

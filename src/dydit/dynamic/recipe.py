@@ -395,7 +395,7 @@ def _default() -> Recipe:
 
 
 def _paper() -> Recipe:
-    # The authors' DiT-XL/2 λ=0.5 settings (METHOD.md §2 and §4). Our short CPU fine-tunes differ: there,
+    # The authors' DiT-XL/2 λ=0.5 settings (as the DyDiT paper and its released code give them). Our short CPU fine-tunes differ: there,
     # routers starting at bias 15/35 cannot move in a few hundred steps (hence our 2.0), the routers need
     # their own larger LR, and the measured inference ratio drifts from the training one (hence our
     # feedback, noise anneal and calibration, all off here). Scale steps, warm-up and ramp together with

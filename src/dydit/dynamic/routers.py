@@ -1,4 +1,4 @@
-"""DyDiT routers (METHOD.md §2): timestep width routers and spatial token routers.
+"""DyDiT routers: timestep width routers and spatial token routers.
 
 Module and parameter names match the authors' checkpoints: ``attn_rate.router``, ``mlp_rate.router``,
 ``token_selection.mlp_head.{0,2}``.

@@ -1,4 +1,4 @@
-"""TD-LoRA: timestep-based dynamic LoRA for parameter-efficient DyDiT fine-tuning (METHOD.md §6)."""
+"""TD-LoRA: timestep-based dynamic LoRA for parameter-efficient DyDiT fine-tuning."""
 from dydit.peft.td_lora.config import TDLoRAConfig
 from dydit.peft.td_lora.layer import TDLoRALinear, TimestepState
 from dydit.peft.td_lora.model import (

@@ -9,7 +9,7 @@ ROUTER_FORMS = ("linear", "mlp")
 
 @dataclass
 class TDLoRAConfig:
-    """Timestep-based dynamic LoRA (METHOD.md §6): W(t) = W0 + Σ_k a_k(E_t)·(α/r)·B_k A_k."""
+    """Timestep-based dynamic LoRA: W(t) = W0 + Σ_k a_k(E_t)·(α/r)·B_k A_k."""
 
     r: int | None = field(default=None, metadata={
         "help": "rank of every expert; default hidden_size // 256 (at least 1): ~1.2% trainable on DiT-XL/2"})

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from dydit.dynamic.context import DynamicContext
 from dydit.dynamic.convert import _is_router_name
-from dydit.dynamic.plan import SlicedWeights, time_key
+from dydit.dynamic.plan import SlicedWeights
 from dydit.peft.td_lora.config import TDLoRAConfig
 from dydit.peft.td_lora.layer import TDLoRALinear, TimestepState, capture_t_emb
 
