@@ -154,7 +154,7 @@ class DynamicContext:
                 raise ValueError("the fast dynamic path needs one timestep for the whole batch (as in sampling); "
                                  "use mode='masked' (or the default 'auto') for mixed timesteps")
             t0 = float(t[0])
-            self.step_width = binding.plan.get(model, t0)
+            self.step_width = binding.plan.get(model, t0, binding)
             if hasattr(self.weights, "begin_step"):  # e.g. TD-LoRA: weights that depend on t
                 self.weights.begin_step(t0, t_emb[:1])
             if self.record_usage:

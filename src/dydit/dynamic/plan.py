@@ -104,14 +104,21 @@ class WidthPlan:
             self.steps[time_key(t)] = widths
         return self
 
-    def get(self, model, t: float) -> list[BlockWidth]:
+    def get(self, model, t: float, binding=None) -> list[BlockWidth]:
+        """The widths at ``t`` (computed on first use, and again after the routers changed).
+
+        ``binding`` (a context's :class:`~dydit.dynamic.context.ModelBinding` of ``model``) saves
+        re-reading the block specs on every forward."""
         k = time_key(t)
         if self._model is None or self._model() is not model or k not in self.steps:
             self.compute(model, [t])
         elif self._fingerprint is not None:
-            adapter = model_adapter(model)
-            blocks = [b for b in adapter.blocks(model) if block_adapter(b) is not None]
-            specs = [block_adapter(b).spec(b, model) for b in blocks]
+            if binding is not None:
+                blocks, specs = binding.blocks, binding.specs
+            else:
+                adapter = model_adapter(model)
+                blocks = [b for b in adapter.blocks(model) if block_adapter(b) is not None]
+                specs = [block_adapter(b).spec(b, model) for b in blocks]
             if _fingerprint(model, blocks, specs) != self._fingerprint:
                 self.compute(model, [t])
         return self.steps[k]
