@@ -200,3 +200,14 @@ def _compare_embedded(ref, root):
 def test_python_m_dydit_help():
     r = subprocess.run([sys.executable, "-m", "dydit", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "finetune" in r.stdout
+
+
+def test_dydit_models_lists_the_registry_that_train_help_points_to():
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+    from dydit.models.dit import CONFIGS
+
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 0 and all(name in r.output for name in CONFIGS)
+    assert "dydit models" in CliRunner().invoke(app, ["train", "--help"]).output

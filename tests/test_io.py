@@ -233,7 +233,7 @@ def test_checkpoint_mismatching_explicit_model_name(tmp_path):
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"ema": tiny().state_dict(), "hook": argparse.ArgumentParser}, path)
-    with pytest.raises(ValueError, match=r"evil\.pt.*unpickle"):
+    with pytest.raises(ValueError, match=r"evil\.pt.*never runs code from files"):
         dydit.load(path)
 
 
@@ -283,3 +283,29 @@ def test_saved_files_are_atomic_and_get_the_umask_mode(tmp_path):
     for f in ("model.safetensors", "config.json"):
         assert (tmp_path / "m" / f).stat().st_mode & 0o777 == 0o644
     assert not list((tmp_path / "m").glob("*.tmp"))  # no temporaries left behind
+
+
+@pytest.mark.parametrize("layout", ["torch.save", "pickle"])
+def test_refused_pickle_says_code_is_never_run(tmp_path, layout):
+    import os
+    import pickle
+
+    import dydit
+
+    ran = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    path = tmp_path / "evil.pt"
+    if layout == "torch.save":
+        torch.save({"model": Evil()}, path)
+    else:
+        path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError) as e:
+        dydit.load(path)
+    msg = str(e.value)
+    assert "never runs code from files" in msg and "safetensors" in msg
+    assert "truncated" not in msg and "will likely succeed" not in msg
+    assert not ran.exists()

@@ -49,6 +49,17 @@ def train(
     run_train(TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name in args}))
 
 
+@app.command()
+def models():
+    """List the architectures of the registry (the names --model and --model-name take)."""
+    from dydit.models.dit import CONFIGS, build_config
+
+    typer.echo(f"{'name':<12} {'depth':>5} {'width':>5} {'heads':>5} {'tokens':>6}  objective")
+    for name in sorted(CONFIGS):
+        c = build_config(name)
+        typer.echo(f"{name:<12} {c.depth:>5} {c.hidden_size:>5} {c.num_heads:>5} {c.num_tokens:>6}  {c.objective}")
+
+
 from dydit.cli_dynamic import register as _register_dynamic  # noqa: E402
 
 _register_dynamic(app)

@@ -36,12 +36,23 @@ def read_torch_file(path, map_location="cpu"):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            found = re.search(r"GLOBAL (\S+)", str(e))
+        msg = str(e)
+        found = re.search(r"GLOBAL (\S+)", msg, re.IGNORECASE)
+        if found or "unsupported global" in msg.lower():
+            what = found.group(1) if found else "an unknown type"
             raise ValueError(
-                f"{path}: the checkpoint pickles a Python object ({found.group(1) if found else 'unknown type'}) "
-                "that dydit will not unpickle, because unpickling can run arbitrary code. Re-save only the "
-                "weights, e.g. torch.save(model.state_dict(), path), or convert them to safetensors."
+                f"{path}: the file holds pickled code or Python objects ({what}), not only tensors; dydit never "
+                "runs code from files, so it will not load it. If you trust the file, convert its weights once to "
+                "safetensors: python -c \"import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{path}', weights_only=False)['model'], '{path.with_suffix('.safetensors')}')\" "
+                "(use the key that holds the state dict), then load the .safetensors file."
+            ) from None
+        if "weights only load failed" in msg.lower():  # a pickle the tensor-only unpickler cannot parse
+            raise ValueError(
+                f"{path}: the file is a Python pickle that is not a plain tensor checkpoint (torch's safe loader "
+                "stops at it); it may hold code, and dydit never runs code from files. If you trust the file, "
+                "load it yourself with torch.load(..., weights_only=False) and save the state dict with "
+                "safetensors.torch.save_file, then load that file."
             ) from None
         raise _corrupted(path, e) from e
     except Exception as e:  # truncated zips raise OSError/RuntimeError, garbage raises UnpicklingError
