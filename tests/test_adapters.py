@@ -211,3 +211,17 @@ def test_dydit_models_lists_the_registry_that_train_help_points_to():
     r = CliRunner().invoke(app, ["models"])
     assert r.exit_code == 0 and all(name in r.output for name in CONFIGS)
     assert "dydit models" in CliRunner().invoke(app, ["train", "--help"]).output
+
+
+@pytest.mark.parametrize("args,fragment", [(["--steps", "0"], "--steps must be >= 1"),
+                                           (["--cfg-scale", "nan"], "--cfg-scale must be a finite"),
+                                           (["--out", "x.xyz"], "give a .png or .jpg")])
+def test_sample_rejects_bad_values_before_sampling(args, fragment, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["sample", *args])
+    assert r.exit_code == 2 and fragment in " ".join(r.output.replace("│", " ").split()) and "Traceback" not in r.output
+    assert not list(tmp_path.iterdir())  # nothing sampled, nothing written

@@ -77,6 +77,13 @@ def sample_command(
         raise typer.BadParameter("--batch-size must be >= 1")
     if num_per_class is not None and num_per_class < 1:
         raise typer.BadParameter("--num-per-class must be >= 1")
+    if steps is not None and steps < 1:
+        raise typer.BadParameter(f"--steps must be >= 1, got {steps}")
+    if not math.isfinite(cfg_scale):
+        raise typer.BadParameter(f"--cfg-scale must be a finite number, got {cfg_scale}")
+    if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise typer.BadParameter(f"--out {out}: the grid is written as an image; give a .png or .jpg path "
+                                 "('' to skip the grid)")
     try:
         path = Path(checkpoint) if checkpoint else _default_checkpoint()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
