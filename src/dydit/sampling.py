@@ -95,12 +95,12 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
     was_training = model.training
     model.eval()  # training mode would drop labels and draw gumbel noise in the routers
     try:
-        ctx = dyn if dyn is not None else getattr(model, "_dydit_context", None)
+        ctx = dyn
         if ctx is None and getattr(model, "dynamic_config", None) is not None:
             from dydit.dynamic.context import default_context
 
             ctx = default_context(model)
-        if hasattr(ctx, "prepare"):
+        if hasattr(ctx, "prepare"):  # a context (a mode name plans lazily, step by step)
             ctx.prepare(model, process)
         return process.sample(fn, noise, progress=progress, generator=gen)
     finally:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
+from dydit.dynamic.context import resolve_context
 from dydit.dynamic.ops import gather_tokens, scatter_add_tokens
 
 _RUNNING: list = []  # stack of the contexts of the dynamic forwards in progress (None: complete)
@@ -145,8 +146,6 @@ class BlockRun:
 
 def _model_forward(self, *args, dyn=None, **kwargs):
     base = type(self)._dydit_base
-    from dydit.dynamic.context import resolve_context
-
     ctx = resolve_context(self, dyn)
     if ctx is None:  # the complete network, on explicit request
         _RUNNING.append(None)
