@@ -119,6 +119,7 @@ def save_training_checkpoint(path, model, ema, opt, step, cfg: TrainConfig, extr
         "opt": opt.state_dict(),
         "step": step,
         "config": model.config.to_dict(),
+        "class": type(model).__name__,
         "dynamic": dyn.to_dict() if dyn is not None else None,
         "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
     }

@@ -18,16 +18,46 @@ from dydit.io.official import load_official, read_weights_file
 
 TRAIN_FORMAT = "dydit-train-v1"
 
+# Other backbones' formats plug in here (their loader modules call these at import time):
+#   folder loaders:  (cfg: dict) -> bool  and  (path, cfg, objective, map_location) -> model
+#   file loaders:    (obj, path) -> bool  and  (obj, path, which, model_name, objective, config) -> model
+_FOLDER_LOADERS: list = []
+_FILE_LOADERS: list = []
+
+
+def register_folder_loader(matches, loader):
+    """Teaches `dydit.load(folder)` a new config.json layout (e.g. a diffusers transformer class)."""
+    _FOLDER_LOADERS.append((matches, loader))
+
+
+def register_file_loader(matches, loader):
+    """Teaches `dydit.load(file)` a new single-file layout (e.g. an official Latte ``.pt``)."""
+    _FILE_LOADERS.append((matches, loader))
+
+
+def _import_backbone_loaders():
+    """Backbone loader modules register themselves on import; missing optional ones are skipped."""
+    import importlib
+
+    for name in ("dydit.io.latte", "dydit.io.flux"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
 
 def load(path, which: str = "ema", model_name: str | None = None, objective: str | None = None,
-         map_location="cpu"):
+         map_location="cpu", config=None):
     """Loads any supported checkpoint as an eval-mode DiT (dynamic if it carries DyDiT routers).
 
     ``which`` picks the 'ema' or raw 'model' weights of training checkpoints. ``model_name`` (a
     registry name such as 'DiT-XL/2') and ``objective`` ('diffusion' or 'flow') fill in what official
     ``.pt`` files do not record: the head count, and whether it is a SiT (also guessed from 'SiT' in
-    the file name or the training args).
+    the file name or the training args). ``config`` is the base model's config (a folder, a
+    config.json path or a dict) for checkpoint layouts that do not record it (the authors' DyFLUX).
     """
+    _import_backbone_loaders()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; check the path")
@@ -39,6 +69,8 @@ def load(path, which: str = "ema", model_name: str | None = None, objective: str
         obj = read_weights_file(path, map_location)
         if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
             model = _load_training_checkpoint(obj, path, which)
+        elif (hit := next((ld for m, ld in _FILE_LOADERS if m(obj, path)), None)) is not None:
+            model = hit(obj, path, which, model_name, objective, config)
         else:
             model = load_official(obj, path, which, model_name, objective)
     apply_mlp_norm_eps(model)
@@ -66,6 +98,9 @@ def _load_folder(path: Path, objective, map_location):
         return load_native(path, map_location)
     if is_diffusers_dit_config(cfg):
         return load_diffusers(path, objective, map_location, config=cfg)
+    for matches, loader in _FOLDER_LOADERS:
+        if matches(cfg):
+            return loader(path, cfg, objective, map_location)
     kind = cfg.get("_class_name")
     if kind == "AutoencoderKL":
         raise ValueError(f"{path}: this folder holds a VAE (AutoencoderKL); load it with dydit.vae.load_vae")
@@ -76,11 +111,11 @@ def _load_folder(path: Path, objective, map_location):
 
 
 def _load_training_checkpoint(obj: dict, path: Path, which: str):
-    from dydit.models.dit import DiT, DiTConfig
+    from dydit.models.registry import model_from_config
 
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    model = DiT(DiTConfig.from_dict(obj["config"]))
+    model = model_from_config(obj.get("class", "DiT"), obj["config"])
     if obj.get("dynamic"):
         from dydit.dynamic import DynamicConfig, dynamize
 

@@ -65,11 +65,11 @@ def load_native(folder, map_location="cpu"):
     Only ``model`` and ``dynamic`` of config.json shape the model; metadata such as ``recipe`` is left in
     the file (``read_native_config`` returns it).
     """
-    from dydit.models.dit import DiT, DiTConfig
+    from dydit.models.registry import model_from_config
 
     folder = Path(folder)
     cfg = read_native_config(folder)
-    model = DiT(DiTConfig.from_dict(cfg["model"]))
+    model = model_from_config(cfg.get("_class", "DiT"), cfg["model"])
     if "dynamic" in cfg:
         from dydit.dynamic import DynamicConfig, dynamize
 

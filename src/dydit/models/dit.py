@@ -260,6 +260,17 @@ def build_config(name: str, **overrides) -> DiTConfig:
     return CONFIGS[name](**overrides)
 
 
-def build_model(name_or_config, **overrides) -> DiT:
-    cfg = name_or_config if isinstance(name_or_config, DiTConfig) else build_config(name_or_config, **overrides)
-    return DiT(cfg)
+def build_model(name_or_config, **overrides):
+    """A model from a config or any backbone's registry name (DiT, SiT, and Latte/FLUX when present)."""
+    if isinstance(name_or_config, DiTConfig):
+        return DiT(name_or_config)
+    if name_or_config in CONFIGS:
+        return DiT(build_config(name_or_config, **overrides))
+    from dydit.models.registry import build_any
+
+    return build_any(name_or_config, **overrides)
+
+
+from dydit.models.registry import register_architecture  # noqa: E402
+
+register_architecture(DiT, DiTConfig)
