@@ -183,14 +183,18 @@ def _compare_embedded(ref, root):
     # machine rounds differently from the one that wrote the reference, and only closeness can be asked.
     static = sample(dydit.load(root / "fmnist_dit").eval(), [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3)
     same_platform = torch.equal(static, ref["fmnist_dit"])
+    # Elsewhere the control's own drift (8 DDIM steps at CFG 4 amplify last-bit differences) sets the
+    # tolerance: the dynamic models may drift as much as the untouched static one, not more.
+    control = rel_err(static, ref["fmnist_dit"])
+    assert control < 1e-3, f"the static model itself changed ({control:.2e}): not a platform difference"
+    tol = max(1e-5, 5 * control)
 
     def check(out, key):
         if same_platform:
             assert torch.equal(out, ref[key]), key
         else:
-            assert rel_err(out, ref[key]) < 1e-5, key
+            assert rel_err(out, ref[key]) < tol, key
 
-    check(static, "fmnist_dit")
     for name in ("fmnist_dydit_0.7", "fmnist_dydit_0.5"):
         model = dydit.load(root / name).eval()
         check(sample(model, [0, 3, 7], "ddim", 8, cfg_scale=4.0, seed=3), name)

@@ -86,7 +86,11 @@ def test_fast_merged_equals_unmerged_masked_reference(name, batch, dtype, tol):
         assert not calls, "fast mode must use merged weights, never the adapter matmuls"
         assert rel_err(fast, ref) <= tol
         assert rel_err(ref, base(x, t, y, dyn=DynamicContext("masked"))) > 1e-3, "adapters must matter here"
-    assert ctx.weights.cache.entries, "merged weights are cached per (block, timestep, active set)"
+    assert not ctx.weights.cache.entries, "by default no per-step merged copy is kept (memory = static)"
+    cached = td_lora_fast_context(model, max_cache_bytes=2**30)
+    t = torch.full((batch,), timesteps(name)[0], dtype=dtype)
+    assert rel_err(model(x, t, y, dyn=cached), model(x, t, y, dyn=DynamicContext("masked"))) <= tol
+    assert cached.weights.cache.entries, "with a budget, merged weights are cached per (block, t, active set)"
 
 
 def test_mixing_depends_on_timestep():

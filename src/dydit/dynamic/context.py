@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dydit.dynamic.adapters import BlockSpec, block_adapter, linear_index, model_adapter
-from dydit.dynamic.plan import SlicedWeights, WidthPlan
+from dydit.dynamic.plan import DEFAULT_CACHE_BYTES, SlicedWeights, WidthPlan, as_range
 
 MODES = ("auto", "train", "masked", "fast", "complete")
 
@@ -87,15 +87,15 @@ class ModelBinding:
             spec = self.specs[index]
             dev = module.weight.device
             slots = {k: v.to(dev) for k, v in width.slots.items()}
-            hit = (linear_index(spec, path, "out", slots, module.out_features),
-                   linear_index(spec, path, "in", slots, module.in_features))
+            hit = (as_range(linear_index(spec, path, "out", slots, module.out_features)),
+                   as_range(linear_index(spec, path, "in", slots, module.in_features)))
             self._indices[key] = hit
         return hit
 
 
 class DynamicContext:
     def __init__(self, mode: str = "auto", tau: float | None = None, plan: WidthPlan | None = None,
-                 weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = 2 * 1024**3,
+                 weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
                  noise: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")

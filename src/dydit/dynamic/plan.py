@@ -139,17 +139,52 @@ class _Cache:
     entries: dict = field(default_factory=dict)
 
 
-class SlicedWeights:
-    """Narrowed weights of the fast path, cached by (Linear, active set) up to ``max_bytes``.
+# The fast path's default cache budget for gathered (non-contiguous) weight restrictions. Measured on
+# DiT-S/2..XL/2 (docs/results/bench_engine_memory.md): gathering on the fly costs under 1% of a step,
+# while caching every distinct active set cost +14% peak memory on DiT-B/2 and would not scale to
+# FLUX-size models. Contiguous restrictions are zero-copy views and never need the cache.
+DEFAULT_CACHE_BYTES = 0
 
-    Beyond the budget a restriction is gathered on the fly and not kept. An entry is dropped when its
-    weight has changed in place since (an optimizer step, a merge): the tensor's version counter moved.
+
+def as_range(idx):
+    """``idx`` (sorted 1-D indices) as a ``slice`` when it is one contiguous run, else unchanged."""
+    if idx is None or not isinstance(idx, torch.Tensor) or idx.numel() == 0:
+        return idx
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == idx.numel() and bool((idx[1:] > idx[:-1]).all()):
+        return slice(first, last + 1)
+    return idx
+
+
+def _as_tensor(idx, device):
+    if isinstance(idx, slice):
+        return torch.arange(idx.start, idx.stop, device=device)
+    return idx
+
+
+def _take(w: torch.Tensor, dim: int, idx):
+    if idx is None:
+        return w
+    if isinstance(idx, slice):
+        return w.narrow(dim, idx.start, idx.stop - idx.start)  # a view: no copy
+    return w.index_select(dim, idx)
+
+
+class SlicedWeights:
+    """Narrowed weights of the fast path: views where the active set is contiguous, gathered otherwise.
+
+    Row restrictions that form one contiguous run are views of the weight (no copy); column runs are
+    strided views BLAS reads directly. Other restrictions are gathered on the fly each forward (a copy
+    of the narrowed matrix, freed after use) and cached only within ``max_bytes`` (default
+    :data:`DEFAULT_CACHE_BYTES`), so the dynamic model's memory stays at the static model's and no
+    per-step copy of the full weights is ever kept. An entry is dropped when its weight has changed in
+    place since (an optimizer step, a merge): the tensor's version counter moved.
     A layer with timestep-dependent weights (unmerged TD-LoRA experts: ``needs_merged_weights`` and
     ``merged_weight(t_emb, rows, cols)``) is folded at each step's E_t, so the step runs plain narrow
     matmuls with no adapter matmuls.
     """
 
-    def __init__(self, max_bytes: int = 2 * 1024**3):
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.cache = _Cache(max_bytes)
         self.t_key: float | None = None
         self.t_emb: torch.Tensor | None = None  # (1, D)
@@ -160,6 +195,8 @@ class SlicedWeights:
         self.t_emb = t_emb[:1].detach()
 
     def _store(self, key, stamp, tensors):
+        if self.cache.max_bytes <= 0:
+            return tensors
         size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         old = self.cache.entries.pop(key, None)
         if old is not None:
@@ -177,31 +214,36 @@ class SlicedWeights:
         hit = self.cache.entries.get(k)
         if hit is not None:
             return hit[1]
+        dev = module.weight.device
+        rows, cols = _as_tensor(rows, dev), _as_tensor(cols, dev)
         b = module.bias
         if b is not None and rows is not None:
             b = b.index_select(0, rows)
         return self._store(k, None, (module.merged_weight(self.t_emb, rows, cols), b))
 
     def restricted(self, module, rows, cols, key):
-        """(weight, bias) of Linear ``module`` restricted to output ``rows`` and input ``cols`` (None: all)."""
+        """(weight, bias) of Linear ``module`` restricted to output ``rows`` and input ``cols``.
+
+        Each of ``rows``/``cols`` is None (all), a ``slice`` (a contiguous run: views) or an index tensor."""
         if getattr(module, "needs_merged_weights", False):
             return self._merged(module, rows, cols, key)
         if rows is None and cols is None:
             return module.weight, module.bias
-        w = module.weight
+        w, b = module.weight, module.bias
+        gathered = isinstance(rows, torch.Tensor) or isinstance(cols, torch.Tensor)
+        if not gathered:  # views only: nothing to copy, nothing to cache
+            return _take(_take(w, 0, rows), 1, cols), (_take(b, 0, rows) if b is not None else None)
         stamp = (w._version, w.data_ptr())
         k = (id(module), key)
         hit = self.cache.entries.get(k)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        if rows is not None:
-            w = w.index_select(0, rows)
-        if cols is not None:
-            w = w.index_select(1, cols)
-        b = module.bias
+        w = _take(_take(w, 0, rows), 1, cols)
+        if isinstance(rows, torch.Tensor):
+            w = w.contiguous()
         if b is not None and rows is not None:
-            b = b.index_select(0, rows)
-        return self._store(k, stamp, (w.contiguous(), b))
+            b = _take(b, 0, rows)
+        return self._store(k, stamp, (w, b))
 
     def clear(self):
         self.cache = _Cache(self.cache.max_bytes)

@@ -275,7 +275,7 @@ class TDLoRAWeights(SlicedWeights):
     """
 
 
-def td_lora_fast_context(model, max_cache_bytes: int = 2 * 1024**3, record_usage: bool = False) -> DynamicContext:
+def td_lora_fast_context(model, max_cache_bytes: int = 0, record_usage: bool = False) -> DynamicContext:
     """DynamicContext('fast') whose sliced weights carry the model's TD-LoRA adapters, merged per timestep."""
     if getattr(model, "dynamic_config", None) is None:
         raise ValueError("the fast path needs a dynamic model (dydit.dynamize); for a static model with "
