@@ -63,6 +63,10 @@ def sample_command(
                                "masked reference), complete (routers off: the full-width model)"),
     fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): reuse the "
                                             "other blocks' output while the first block's changes stay below it"),
+    num_samples: Optional[int] = typer.Option(
+        None, help="write exactly this many class-balanced samples (labels cycle through --classes) to --npz, in "
+        "shards of --batch-size: under torchrun the processes share the work, the result does not depend on their "
+        "number, and a rerun resumes from the finished shards in NPZ.parts/"),
 ):
     """Sample class-conditional images; write a grid PNG and optionally an ADM-style .npz."""
     import numpy as np
@@ -84,6 +88,12 @@ def sample_command(
     if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise typer.BadParameter(f"--out {out}: the grid is written as an image; give a .png or .jpg path "
                                  "('' to skip the grid)")
+    if num_samples is not None:
+        if num_samples < 1 or not npz:
+            raise typer.BadParameter("--num-samples needs a count >= 1 and --npz (where the samples go)")
+        from dydit.sample_shards import init_processes
+
+        rank, world = init_processes()
     try:
         path = Path(checkpoint) if checkpoint else _default_checkpoint()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,26 +130,39 @@ def sample_command(
 
         batches = range(0, len(labels), batch_size)
         bar = tqdm(total=len(batches) * num_steps, desc=f"sampling ({method}, {num_steps} steps)", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=num_samples is not None and rank != 0)
 
         def progress(step_iter):
             for s in step_iter:
                 yield s
                 bar.update(1)
 
-        images = []
-        for b, i in enumerate(batches):
+        def draw(batch_labels, batch_seed):  # one sampling batch -> uint8 (B, H, W, C)
             kwargs = dict(method=method, num_steps=num_steps, cfg_scale=cfg_scale, guided_channels=guided,
-                          seed=seed * 100_003 + b, progress=progress, dyn=dyn)
+                          seed=batch_seed, progress=progress, dyn=dyn)
             if cache is not None:
                 cache.start()  # a new sampling run: nothing carries over from the last batch
                 with cached(model, cache):
-                    x = sample(model, labels[i : i + batch_size], **kwargs)
+                    x = sample(model, batch_labels, **kwargs)
             else:
-                x = sample(model, labels[i : i + batch_size], **kwargs)
+                x = sample(model, batch_labels, **kwargs)
             if vae is not None:
                 x = vae.decode(x)
-            images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
+            return to_uint8_images(x, pad=cfg.pixel_pad)
+
+        if num_samples is not None:  # sharded over torchrun processes, resumable (dydit.sample_shards)
+            from dydit.sample_shards import run_sample_command
+
+            settings = dict(checkpoint=str(path), sampler=method, steps=num_steps, cfg_scale=cfg_scale,
+                            guided_channels=guided, engine=engine, fbcache=fbcache, vae=cfg.vae)
+            bar.reset(total=-(-(-(-num_samples // batch_size)) // world) * num_steps)  # this process's share
+            run_sample_command(model, npz, num_samples, batch_size, shown, seed, draw, settings, out,
+                               _grid_columns(len(shown), 4 * len(shown)), typer.echo)
+            bar.close()
+            return
+        images = []
+        for b, i in enumerate(batches):
+            images.append(draw(labels[i : i + batch_size], seed * 100_003 + b))  # (B, H, W, C)
         bar.close()
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
