@@ -129,3 +129,99 @@ def test_eval_scores_a_sharded_npz(reference_npz, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_samples"] == 10 and math.isfinite(result["fid"]) and 0.0 <= result["cond_acc"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_by_step(path) -> dict[int, dict]:
+    """Last log entry of each step (a resumed run re-logs the steps after its checkpoint)."""
+    return {e["step"]: e for e in map(json.loads, Path(path).read_text().splitlines())}
+
+
+def _ema_state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "ema" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """tests/fsdp_train_worker.py under torchrun, 2 gloo processes: every FSDP run the tests below read."""
+    import dydit
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        import ddp_train_worker
+    finally:
+        sys.path.remove(str(TESTS))
+    out = tmp_path_factory.mktemp("fsdp")
+    dydit.save(ddp_train_worker.tiny_model(), out / "init")
+    _torchrun(str(TESTS / "fsdp_train_worker.py"), "--out", str(out), "--init", str(out / "init"), timeout=500)
+    return out
+
+
+def test_fsdp_two_processes_follow_the_one_process_trajectory(fsdp_runs, one_thread):
+    sys.path.insert(0, str(TESTS))
+    try:
+        import ddp_train_worker
+        from fsdp_train_worker import STATIC
+    finally:
+        sys.path.remove(str(TESTS))
+    single_losses, single_state = ddp_train_worker.run(str(fsdp_runs / "single"), **STATIC)
+    fsdp_losses = json.loads((fsdp_runs / "static_losses.json").read_text())
+    # The same global batch, noise and t; FSDP reduce-scatters the gradients of two half-batches where one
+    # process sums one batch, so the sums differ in rounding only: float32's 1e-7, grown over 4 AdamW steps.
+    assert fsdp_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
+    gathered = torch.load(fsdp_runs / "static_model.pt", weights_only=True)
+    assert gathered.keys() == single_state.keys()
+    for name, p in single_state.items():
+        torch.testing.assert_close(gathered[name], p, rtol=1e-5, atol=1e-6)
+    ema = _ema_state(fsdp_runs / "static")  # saved from the gathered (full) EMA
+    ref = _ema_state(fsdp_runs / "single")
+    for name in ref:
+        torch.testing.assert_close(ema[name], ref[name], rtol=1e-5, atol=1e-6)
+    assert (fsdp_runs / "static" / "checkpoint.dcp" / "meta.json").exists()
+    assert len(list((fsdp_runs / "static" / "checkpoint.dcp").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+def test_fsdp_stop_and_resume_continues_the_same_trajectory(fsdp_runs):
+    for run in ("static", "ft_fsdp", "ft_ddp"):
+        ref, resumed = _log_by_step(fsdp_runs / run / "log.jsonl"), _log_by_step(fsdp_runs / f"{run}_resumed" / "log.jsonl")
+        assert sorted(ref) == sorted(resumed) == [1, 2, 3, 4]
+        for step in ref:
+            for key in ("loss", "grad_norm", "lr", "flops_ratio", "target", "inference_ratio", "target_offset"):
+                assert ref[step].get(key) == resumed[step].get(key), (run, step, key)  # bit for bit
+        a, b = _ema_state(fsdp_runs / run), _ema_state(fsdp_runs / f"{run}_resumed")
+        assert all(torch.equal(a[k], b[k]) for k in a), run
+    meta = json.loads((fsdp_runs / "ft_fsdp_resumed" / "checkpoint.dcp" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["task"]["acc"] is not None
+
+
+def test_fsdp_finetune_of_a_dydit_matches_ddp(fsdp_runs):
+    ddp, fsdp = _log_by_step(fsdp_runs / "ft_ddp" / "log.jsonl"), _log_by_step(fsdp_runs / "ft_fsdp" / "log.jsonl")
+    assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
+    assert any(e["flops_ratio"] < 1.0 for e in ddp.values())  # the routers really mask
+    assert all("inference_ratio" in ddp[s] for s in (2, 3, 4))  # the feedback ran on the EMA's fast engine
+    for step in ddp:
+        # each rank draws the same t, noise, dropout and gumbel noise under both; only the gradient
+        # reduction differs (all-reduce vs reduce-scatter), by float32 rounding
+        for key in ("loss", "grad_norm", "flops_ratio", "inference_ratio", "target"):
+            if key in ddp[step]:
+                assert fsdp[step][key] == pytest.approx(ddp[step][key], rel=1e-5, abs=1e-6), (step, key)
+    a, b = _ema_state(fsdp_runs / "ft_ddp"), _ema_state(fsdp_runs / "ft_fsdp")
+    assert a.keys() == b.keys() and any("attn_rate" in k for k in a)  # routers saved with the EMA backbone
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    import dydit
+
+    model = dydit.load(fsdp_runs / "ft_fsdp" / "ema")  # a plain, full model
+    assert model.dynamic_config is not None
+
+
+def test_a_sharded_dydit_runs_masked_and_refuses_the_fast_engine(fsdp_runs):
+    result = json.loads((fsdp_runs / "sharded_inference.json").read_text())
+    assert result["max_diff"] == 0.0
+    assert result["fast_refused"] and "FSDP-sharded" in result["fast_refused"]

@@ -37,6 +37,8 @@ def train(
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    parallel: str = typer.Option("ddp", help="under torchrun: ddp (replicas), or fsdp (FSDP2: weights, gradients "
+                                 "and optimizer sharded; checkpoint.dcp/)"),
 ):
     """Train a static DiT or SiT (Fashion-MNIST by default); runs under torchrun for DDP."""
     args = dict(locals())

@@ -38,6 +38,8 @@ def finetune(
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     bf16: bool = typer.Option(False, help="bf16 autocast"),
+    parallel: str = typer.Option("ddp", help="under torchrun: ddp (replicas), or fsdp (FSDP2: weights, gradients "
+                                 "and optimizer sharded; checkpoint.dcp/)"),
 ):
     """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP).
 
@@ -61,7 +63,7 @@ def finetune(
     try:
         result = run_finetune(init, out, resolved, data=data, resume=resume, stop_after=stop_after,
                               ckpt_every=ckpt_every, sample_every=sample_every, limit_data=limit_data,
-                              threads=threads, bf16=bf16)
+                              threads=threads, bf16=bf16, parallel=parallel)
     except ValueError as e:
         _fail(e)
     if result.calibration is not None:
@@ -72,7 +74,8 @@ def finetune(
         from dydit.train import dist_info
 
         if dist_info()[0] == 0:  # the other DDP ranks never finish: rank 0 saves
-            typer.echo(f"stopped before the last step; {out}/checkpoint.pt continues with --resume")
+            ckpt = "checkpoint.dcp" if parallel == "fsdp" else "checkpoint.pt"
+            typer.echo(f"stopped before the last step; {out}/{ckpt} continues with --resume")
         return
     if resolved.peft.method != "none":
         typer.echo(f"adapters + routers: {result.weights} (apply to {init} with dydit.peft.load_adapters)")

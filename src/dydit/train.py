@@ -52,6 +52,7 @@ class TrainConfig:
     limit_data: int | None = None  # use only the first N training images (tests)
     stop_after: int | None = None  # stop (as if killed) after this many steps in this run (tests)
     threads: int | None = None  # torch CPU threads
+    parallel: str = "ddp"  # "ddp" (replicas), or "fsdp": FSDP2 shards weights, gradients, optimizer (dydit.fsdp)
     extra: dict = field(default_factory=dict)
 
 
@@ -107,6 +108,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     ema_params = dict(ema.named_parameters())
     for name, p in model.named_parameters():
         if p.requires_grad:
+            if hasattr(p, "full_tensor"):  # FSDP: the EMA is a full replica (dydit.fsdp)
+                p = p.full_tensor()
             ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
@@ -198,6 +201,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         out.mkdir(parents=True, exist_ok=True)
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
 
@@ -210,6 +215,11 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     ema = deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    sharded = cfg.parallel == "fsdp"
+    if sharded:  # before the optimizer: fully_shard replaces the parameters
+        from dydit import fsdp
+
+        fsdp.shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if hasattr(task, "configure_optimizer"):
@@ -217,7 +227,9 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
 
     start_step = 0
     ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
+    if sharded and cfg.resume:
+        start_step = _resume_sharded(out, model, ema, opt, task)
+    if cfg.resume and ckpt_path.exists() and not sharded:
         ckpt = load_training_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -256,7 +268,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     # FashionMNIST has no augmentation and its batch takes no step
     batch_takes_step = "step" in inspect.signature(dataset.batch).parameters
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=getattr(task, "find_unused_parameters", False),
@@ -286,6 +298,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over every shard
+            gnorm = gnorm.full_tensor()
         skipped = cfg.grad_skip > 0 and (not math.isfinite(gnorm.item()) or gnorm.item() > cfg.grad_skip)
         if not skipped:
             opt.step()
@@ -295,6 +309,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
             task.after_step(step, model, ema, logs)
         imgs_since += cfg.batch_size
         logs.update(step=step, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], skipped=bool(skipped))
+        if sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # every rank writes its shards
+            fsdp.save_checkpoint(out, model, ema, opt, step, _sharded_meta(model, cfg, task))
         if rank == 0:
             if step % cfg.log_every == 0 or step == end:
                 now = time.time()
@@ -305,7 +321,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if not sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
                 save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg, extra=extra)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
@@ -328,15 +344,44 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     return ema
 
 
+def _sharded_meta(model, cfg: TrainConfig, task) -> dict:
+    from dydit.dynamic.engine import base_class
+
+    dyn = getattr(model, "dynamic_config", None)
+    return {"config": model.config.to_dict(), "class": base_class(model).__name__,
+            "dynamic": dyn.to_dict() if dyn is not None else None,
+            "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
+            "task": task.state_dict() if hasattr(task, "state_dict") else None}
+
+
+def _resume_sharded(out: Path, model, ema, opt, task) -> int:
+    from dydit import fsdp
+
+    path = fsdp.find_checkpoint(out)
+    if path is None:
+        if (out / "checkpoint.pt").exists():
+            raise ValueError(f"{out} holds a DDP checkpoint (checkpoint.pt); resume it without --parallel fsdp")
+        return 0
+    meta = fsdp.load_checkpoint(path, model, ema, opt)
+    if hasattr(task, "load_state_dict") and meta.get("task") is not None:
+        task.load_state_dict(meta["task"])
+    log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
+    return int(meta["step"])
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
 def memory_summary(model, params, opt, device) -> dict:
     """Trainable share and training memory: weights + gradients + optimizer state (exact bytes), and the
     peak seen (CUDA: max allocated; CPU: the process's peak resident set, which includes the data)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in params)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.ndim > 0)
+    weights = sum(_local_bytes(p) for p in model.parameters())  # FSDP: this process's shards
+    grads = sum(_local_bytes(p) for p in params)
+    state = sum(_local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
     else:

@@ -186,7 +186,9 @@ class FinetuneTask:
         if group is not None and self.frozen(step):
             if group["lr_scale"] != 0.0:
                 inner = getattr(model, "module", model)
-                ema.t_embedder.load_state_dict(inner.t_embedder.state_dict())
+                from dydit.fsdp import full_state_dict
+
+                ema.t_embedder.load_state_dict(full_state_dict(inner.t_embedder))
             group["lr_scale"] = 0.0
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
@@ -322,9 +324,11 @@ class FinetuneResult:
 
 def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_after: int | None = None,
              ckpt_every: int = 100, sample_every: int = 0, limit_data: int | None = None,
-             threads: int | None = None, bf16: bool = False, progress: bool = True) -> FinetuneResult:
+             threads: int | None = None, bf16: bool = False, parallel: str = "ddp",
+             progress: bool = True) -> FinetuneResult:
     """Fine-tunes the static checkpoint ``init`` into a DyDiT under ``recipe`` (a Recipe, a name of
-    :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP.
+    :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP,
+    or FSDP with ``parallel="fsdp"`` (:mod:`dydit.fsdp`: sharded training state and ``checkpoint.dcp/``).
 
     Writes into ``out``: ``checkpoint.pt`` (resumable), ``log.jsonl``, ``finetune.json`` (recipe, task
     config, calibration) and ``ema/`` (the model: EMA backbone, live routers, calibrated, its config.json
@@ -376,7 +380,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
                      lr_schedule=o.lr_schedule, weight_decay=o.weight_decay, ema_decay=o.ema_decay,
                      grad_clip=o.grad_clip, grad_skip=o.grad_skip, bf16=bf16, seed=o.seed, ckpt_every=ckpt_every,
                      sample_every=sample_every, resume=resume, limit_data=limit_data, stop_after=stop_after,
-                     threads=threads,
+                     threads=threads, parallel=parallel,
                      extra={"finetune": ft.to_dict(), "init": str(init), "recipe": recipe.to_dict()})
     teacher = dydit.load(init) if recipe.distill.weight > 0 else None  # the static function, before pruning or routing
     task = FinetuneTask(model, ft, teacher=teacher)
