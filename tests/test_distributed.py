@@ -225,3 +225,24 @@ def test_a_sharded_dydit_runs_masked_and_refuses_the_fast_engine(fsdp_runs):
     result = json.loads((fsdp_runs / "sharded_inference.json").read_text())
     assert result["max_diff"] == 0.0
     assert result["fast_refused"] and "FSDP-sharded" in result["fast_refused"]
+
+
+def test_sharded_checkpoint_metadata_cannot_run_code(fsdp_runs, tmp_path):
+    import pickle
+
+    from dydit import fsdp
+
+    metadata = fsdp._SafeReader(fsdp.checkpoint_path(fsdp_runs / "static")).read_metadata()
+    assert any(k.startswith("model.") for k in metadata.state_dict_metadata)
+    assert any(k.startswith("ema.") for k in metadata.state_dict_metadata)
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    evil = tmp_path / "evil.dcp"
+    evil.mkdir()
+    (evil / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        fsdp._SafeReader(evil).read_metadata()
+    assert not (tmp_path / "ran").exists()

@@ -13,14 +13,19 @@ and a block's full weights exist only while it runs. What else changes:
   all-gathered parameters. Everything that reads the EMA — sample grids, the fine-tune's inference-ratio
   feedback and calibration on the fast engine, the saved ``ema/`` folder — sees a plain model whose
   fast path slices real weights. It costs one all-gather of the trainable parameters per step and one
-  full copy of the weights per rank (the sharded training state is 3/N of it with AdamW).
+  full copy of the weights per rank, beside the sharded training state (weights, gradients and AdamW's
+  two moments: 4/N of the weights' size).
 - **Checkpoints are sharded** (``checkpoint.dcp/``, :mod:`torch.distributed.checkpoint`): each rank
   writes its own shards of the model and optimizer; the EMA is written once (DCP de-duplicates
   replicated tensors); ``meta.json`` holds the step, the task's state and the run's settings. A save goes
   to a temporary folder that replaces the last one only when complete. Loading reads the DCP metadata
   with an unpickler that admits only DCP's own metadata classes, and the optimizer's non-tensor
   entries with ``weights_only=True``: nothing in a checkpoint can run code. DCP reshards on load, so a
-  run can also resume on another number of processes (then equal up to float rounding, not bit for bit).
+  run can also resume on another number of processes; the state loads exactly, but the continuation
+  draws other noise (train() seeds each rank's draws by its rank), so it is not the same trajectory.
+- Inference needs full weights: the width plan evaluates routers and the timestep embedder outside the
+  blocks' forwards, where FSDP has not gathered them, so sampling from the sharded model on the fast
+  engine is refused (sample from the EMA or the saved folder); its masked forward works.
 - One process with ``--parallel fsdp`` runs FSDP over a group of one (same checkpoints), so a run can
   move between one process and torchrun.
 """

@@ -339,7 +339,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
     from dydit.dynamic.config import DynamicConfig
     from dydit.dynamic.convert import copy_routers, dynamize
     from dydit.dynamic.recipe import Recipe, get_recipe
-    from dydit.train import TrainConfig, dist_info, train
+    from dydit.train import TrainConfig, maybe_init_distributed, train
 
     recipe = (recipe if isinstance(recipe, Recipe) else get_recipe(recipe)).validate()
     out = Path(out)
@@ -394,7 +394,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
         summary.update(peft=peft.method, td_lora=lora_cfg.to_dict())
     if prune_info is not None:
         summary["prune_static"] = prune_info
-    rank = dist_info()[0]
+    rank = maybe_init_distributed()[0]  # under torchrun: join the group now, so only rank 0 writes below
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_summary(out, summary)
