@@ -37,6 +37,7 @@ def static_runs(out: Path):
     losses, state = ddp_train_worker.run(str(out / "static"), **STATIC, parallel="fsdp")
     full = {k: full_tensor(v) for k, v in state.items()}  # every rank gathers
     ddp_train_worker.run(str(out / "static_resumed"), **STATIC, parallel="fsdp", stop_after=2, ckpt_every=2)
+    dist.barrier()
     ddp_train_worker.run(str(out / "static_resumed"), **STATIC, parallel="fsdp", resume=True, ckpt_every=2)
     if dist_info()[0] == 0:
         torch.save(full, out / "static_model.pt")
@@ -52,7 +53,11 @@ def finetune_runs(out: Path, init: str):
     for parallel in ("ddp", "fsdp"):
         finetune(init, out / f"ft_{parallel}", recipe, parallel=parallel, **common)
         finetune(init, out / f"ft_{parallel}_resumed", recipe, parallel=parallel, stop_after=2, **common)
+        # Under DDP only rank 0 writes the checkpoint, and the other ranks leave train() without waiting for
+        # it: in one process (not so under torchrun, which starts the resume as a new launch) they must wait.
+        dist.barrier()
         finetune(init, out / f"ft_{parallel}_resumed", recipe, parallel=parallel, resume=True, **common)
+        dist.barrier()
 
 
 def sharded_inference(out: Path):

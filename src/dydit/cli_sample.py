@@ -89,8 +89,9 @@ def sample_command(
         raise typer.BadParameter(f"--out {out}: the grid is written as an image; give a .png or .jpg path "
                                  "('' to skip the grid)")
     if num_samples is not None:
-        if num_samples < 1 or not npz:
-            raise typer.BadParameter("--num-samples needs a count >= 1 and --npz (where the samples go)")
+        if num_samples < 1 or not npz or num_per_class is not None:
+            raise typer.BadParameter("--num-samples needs a count >= 1 and --npz (where the samples go), and "
+                                     "replaces --num-per-class")
         from dydit.sample_shards import init_processes
 
         rank, world = init_processes()
@@ -153,9 +154,9 @@ def sample_command(
         if num_samples is not None:  # sharded over torchrun processes, resumable (dydit.sample_shards)
             from dydit.sample_shards import run_sample_command
 
-            settings = dict(checkpoint=str(path), sampler=method, steps=num_steps, cfg_scale=cfg_scale,
+            settings = dict(sampler=method, steps=num_steps, cfg_scale=cfg_scale,
                             guided_channels=guided, engine=engine, fbcache=fbcache, vae=cfg.vae)
-            bar.reset(total=-(-(-(-num_samples // batch_size)) // world) * num_steps)  # this process's share
+            bar.reset(total=math.ceil(math.ceil(num_samples / batch_size) / world) * num_steps)  # this process's share
             run_sample_command(model, npz, num_samples, batch_size, shown, seed, draw, settings, out,
                                _grid_columns(len(shown), 4 * len(shown)), typer.echo)
             bar.close()
