@@ -32,7 +32,6 @@ and a block's full weights exist only while it runs. What else changes:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -42,8 +41,6 @@ import torch
 import torch.distributed as dist
 
 from dydit.io.atomic import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 PARALLEL = ("ddp", "fsdp")
 FSDP_FORMAT = "dydit-train-fsdp-v1"
