@@ -47,10 +47,11 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500  # write an EMA sample grid every N steps (0 disables)
     log_every: int = 25
-    resume: bool = False  # continue from OUT/checkpoint.pt if it exists
+    resume: bool = False  # continue from OUT/checkpoint.pt (an error if there is none)
+    resume_with_changes: bool = False  # resume even though trajectory settings differ from the checkpoint's
     init: str | None = None  # start from this checkpoint's weights (EMA) instead of random
     limit_data: int | None = None  # use only the first N training images (tests)
-    stop_after: int | None = None  # stop (as if killed) after this many steps in this run (tests)
+    stop_after: int | None = None  # stop after this many steps in this run, at a checkpoint
     threads: int | None = None  # torch CPU threads
     extra: dict = field(default_factory=dict)
 
@@ -135,6 +136,19 @@ def load_training_checkpoint(path):
         raise ValueError(f"{path}: cannot read training checkpoint ({e}); it is truncated or not a dydit checkpoint") from e
 
 
+def _save_checkpoint_or_explain(path, model, ema, opt, step, cfg, task, last_saved):
+    """save_training_checkpoint; a failed write says which checkpoint is still intact."""
+    from dydit.errors import WriteError
+
+    extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
+    try:
+        save_training_checkpoint(path, model, ema, opt, step, cfg, extra=extra)
+    except WriteError as e:
+        kept = (f"the last checkpoint {path} (step {last_saved}) is intact; continue with --resume once the "
+                "problem is fixed" if last_saved is not None else "no checkpoint was written yet")
+        raise WriteError(f"{e} at step {step}; {kept}") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # tasks: what a step computes
 # ---------------------------------------------------------------------------------------------
@@ -188,14 +202,28 @@ def build_or_load_model(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool = True):
-    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run."""
+    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run.
+
+    It stops only at a checkpoint: at its last step, after ``stop_after`` steps, or on SIGINT/SIGTERM (then
+    it raises :class:`dydit.errors.Interrupted` once the checkpoint is written).
+    """
+    from dydit.io.runs import StopSignals, check_train_config
+
+    check_train_config(cfg)
+    with StopSignals() as stop:
+        return _train(cfg, model, task, dataset, progress, stop)
+
+
+def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
+    from dydit.io.runs import check_data_fits, check_resume, cut_log, prepare_run_folder
+
     rank, world = maybe_init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out, cfg.resume)
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.batch_size % world:
@@ -217,8 +245,9 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
 
     start_step = 0
     ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
+    if cfg.resume:
         ckpt = load_training_checkpoint(ckpt_path)
+        check_resume(ckpt, cfg, model, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -253,6 +282,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
                                   channels=mc.in_channels, seed=cfg.seed, limit=cfg.limit_data)
         else:
             dataset = FashionMNIST("train", cfg.data, pad=mc.pixel_pad, limit=cfg.limit_data)
+    check_data_fits(dataset, model)
     # FashionMNIST has no augmentation and its batch takes no step
     batch_takes_step = "step" in inspect.signature(dataset.batch).parameters
     ddp_model = model
@@ -267,11 +297,14 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    if rank == 0:
+        cut_log(out / "log.jsonl", start_step)  # lines past the checkpoint would repeat
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    last_saved = start_step if cfg.resume else None
     t_last, imgs_since = time.time(), 0
     step = start_step
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    while step < end:
+    while step < end and not stop.requested(world):
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, rank, world)
         x, y = dataset.batch(idx, step=step) if batch_takes_step else dataset.batch(idx)
         x, y = x.to(device), y.to(device)
@@ -306,10 +339,13 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
-                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg, extra=extra)
+                _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+                last_saved = step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
+    if rank == 0 and step != last_saved and step > start_step:  # stop_after or a signal: stop at a checkpoint
+        _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+        last_saved = step
     if rank == 0:
         summary = memory_summary(model, params, opt, device)
         summary.update(step=step, steps=cfg.steps)
@@ -325,7 +361,18 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         bar.close()
     if log_file:
         log_file.close()
+    if stop.signum is not None:
+        from dydit.errors import Interrupted
+
+        raise Interrupted(f"stopped by {signal_name(stop.signum)} at step {step} of {cfg.steps}; {ckpt_path} holds "
+                          "it, continue with --resume", stop.signum)
     return ema
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def memory_summary(model, params, opt, device) -> dict:
