@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 
+from dydit.models.inputs import check_inputs
 from dydit.models.layers import (
     Attention,
     LabelEmbedder,
@@ -177,13 +178,7 @@ class DiT(nn.Module):
         ``force_drop_ids`` (B,), 1 = null label, replaces the random label dropout of training (the
         official DiT's LabelEmbedder argument).
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (B, {self.in_channels}, {self.config.input_size}, "
-                f"{self.config.input_size}), got {tuple(x.shape)}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = check_inputs(self.config, x, t, y)  # shapes, dtypes, batch agreement, label and t ranges
         tokens, c, _ = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
             tokens = block(tokens, c)
