@@ -39,10 +39,14 @@ def train(
     seed: int = typer.Option(0, help="seed"),
     ckpt_every: int = typer.Option(500, help="checkpoint every N steps"),
     sample_every: int = typer.Option(500, help="EMA sample grid every N steps (0: off)"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt (refused if settings that define "
+                                "the trajectory differ from the run's)"),
+    resume_with_changes: bool = typer.Option(False, help="with --resume: continue even though such settings "
+                                             "changed (deliberately)"),
     init: Optional[str] = typer.Option(None, help="start from this checkpoint's weights"),
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run, at a checkpoint "
+                                             "(SIGINT/SIGTERM also stop at one)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ):
     """Train a static DiT or SiT (Fashion-MNIST by default); runs under torchrun for DDP."""

@@ -31,8 +31,12 @@ def finetune(
     seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
     peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
     data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt (refused if the recipe or data "
+                                "differ from the run's)"),
+    resume_with_changes: bool = typer.Option(False, help="with --resume: continue even though settings that "
+                                             "define the trajectory changed (deliberately)"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run, at a checkpoint "
+                                             "(SIGINT/SIGTERM also stop at one)"),
     ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
     sample_every: int = typer.Option(0, help="sample grid every N steps (0: off)"),
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
@@ -61,7 +65,7 @@ def finetune(
     try:
         result = run_finetune(init, out, resolved, data=data, resume=resume, stop_after=stop_after,
                               ckpt_every=ckpt_every, sample_every=sample_every, limit_data=limit_data,
-                              threads=threads, bf16=bf16)
+                              threads=threads, bf16=bf16, resume_with_changes=resume_with_changes)
     except ValueError as e:
         _fail(e)
     if result.calibration is not None:
@@ -144,17 +148,26 @@ def calibrate(
     """Shift a DyDiT's router thresholds so that it realises λ on your sampler (run by finetune already)."""
     import dydit
     from dydit.dynamic.calibrate import calibrate as run_calibration
-    from dydit.sampling import default_sampler
+    from dydit.errors import UserError, check_count, check_finite
+    from dydit.sampling import SAMPLERS, default_sampler
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
+    check_finite("--target", target)
+    check_finite("--tol", tol)
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     model = dydit.load(checkpoint)
+    if sampler is not None and sampler not in SAMPLERS.get(model.config.objective, (sampler,)):
+        raise UserError(f"--sampler {sampler!r} cannot sample {checkpoint}, a {model.config.objective} model; "
+                        f"choose one of {', '.join(SAMPLERS[model.config.objective])}")
     factory = None
     if adapters:
         from dydit.peft.td_lora import load_adapters, read_adapter_config, save_adapters
         from dydit.peft import td_lora_fast_context as factory
 
         model = load_adapters(model, adapters)
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     try:
         result = run_calibration(model, target, sampler or default_sampler(model), steps, cfg_scale, num_images,
                                  tol=tol, seed=seed, knob=knob, context_factory=factory, log=typer.echo)
@@ -179,7 +192,7 @@ def _recipe_metadata(checkpoint) -> dict:
     return {"recipe": cfg["recipe"]} if "recipe" in cfg else {}
 
 
-def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
+def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1, progress=None):
     """Median wall-clock seconds of one full sampling run, after a short warm-up run."""
     import statistics
     import time
@@ -190,7 +203,7 @@ def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
+        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn, progress=progress)
         times.append(time.perf_counter() - t0)
     return out, statistics.median(times)
 
@@ -198,7 +211,9 @@ def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
 def demo(
     out: str = typer.Option("demo", help="folder for the grids and the summary"),
     steps: int = typer.Option(25, help="DDIM steps"),
-    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the scale the shipped "
+                                    "models are tuned and benchmarked at; sample and eval default to the DiT "
+                                    "paper's 1.5)"),
     per_class: int = typer.Option(8, help="samples per class in each grid"),
     seed: int = typer.Option(0, help="seed (same noise for every model)"),
     repeats: int = typer.Option(3, help="timed repeats (median)"),
@@ -215,9 +230,16 @@ def demo(
     from dydit.dynamic.report import summarize
     from dydit.viz import save_grid
 
+    from tqdm.auto import tqdm
+
+    from dydit.errors import check_count, check_finite, check_writable_folder
+
+    for option, value in (("--steps", steps), ("--per-class", per_class), ("--repeats", repeats)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     console = Console()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir)
     models = [("static", default_model_path())]
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
@@ -231,13 +253,21 @@ def demo(
         table.add_column(col)
     base_time = None
     summary = []
-    with console.status("sampling..."):
+    with tqdm(total=len(models) * repeats * steps, desc=f"sampling {len(models)} models x {repeats} timed runs",
+              unit="step", dynamic_ncols=True) as bar:
+
+        def progress(step_iter):
+            for s in step_iter:
+                yield s
+                bar.update(1)
+
         for name, path in models:
             model = dydit.load(path)
             spec = flops_spec(model)
             dynamic = getattr(model, "dynamic_config", None) is not None
             dyn = DynamicContext("fast", record_usage=True) if dynamic else None
-            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats)
+            bar.set_postfix(model=name)
+            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats, progress)
             s = summarize(dyn.usage[-steps:] if dynamic else None, spec, cfg_batches, forwards=steps)  # the last run
             per_image = seconds / len(labels)
             base_time = base_time or per_image
@@ -270,8 +300,12 @@ def plan(
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import plan_heatmap, plan_table, summarize
+    from dydit.errors import check_count, check_finite
     from dydit.sampling import sample
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
@@ -361,6 +395,12 @@ def bench_compare_cmd(
 
     from dydit.bench_compare import default_rows, parse_row, run_compare
 
+    from dydit.errors import check_count, check_finite
+
+    for option, value in (("--num-samples", num_samples), ("--steps", steps), ("--batch-size", batch_size),
+                          ("--threads", threads)):
+        check_count(option, value)
+    check_finite("--cfg-scale", cfg_scale)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)

@@ -76,7 +76,24 @@ class DiTConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown DiT config keys {sorted(unknown)}; is this a dydit config.json?")
+        _check_types(cls, d)
         return cls(**d)
+
+
+def _check_types(cls, d: dict):
+    """A config.json value of the wrong type (``"hidden_size": "128"``) is refused here, naming the key, not
+    deep inside a layer constructor."""
+    import typing
+
+    kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,), dict: (dict,), type(None): (type(None),)}
+    for key, tp in typing.get_type_hints(cls).items():
+        if key not in d:
+            continue
+        allowed = tuple(k for a in (typing.get_args(tp) or (tp,)) for k in kinds.get(a, (object,)))
+        v = d[key]
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            names = " or ".join(sorted({a.__name__.replace("NoneType", "null") for a in (typing.get_args(tp) or (tp,))}))
+            raise ValueError(f"config key {key!r} must be {names}, got {v!r} ({type(v).__name__}); fix config.json")
 
 
 class DiTBlock(nn.Module):
