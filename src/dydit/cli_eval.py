@@ -78,7 +78,9 @@ def eval_command(
 
                 shutil.rmtree(keep, ignore_errors=True)
     except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
+        from dydit.errors import one_line
+
+        typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(1)
     _print_table(result)
     if json_out:

@@ -155,7 +155,9 @@ def sample_command(
             images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
         bar.close()
     except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
+        from dydit.errors import one_line
+
+        typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(1)
 
     images = np.concatenate(images)  # (N, H, W, 1 or 3) uint8

@@ -92,7 +92,7 @@ def check_writable_folder(folder, option: str = "--out") -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise write_error(e, folder / ".probe", option=option) from None
+        raise write_error(e, folder / ".probe", option=option, what="files there") from None
 
 
 def check_output_file(path, option: str, suffixes: tuple[str, ...] | None = None) -> None:
@@ -136,23 +136,26 @@ def disk_is_full(folder, margin: int = 1 << 20) -> bool:
         return False
 
 
-def write_error(e: BaseException, path, option: str | None = None, kept: str | None = None) -> WriteError:
-    """A WriteError for a failed write of ``path``; ``kept`` says what is intact (default: the old file)."""
+def write_error(e: BaseException, path, option: str | None = None, kept: str | None = None,
+                what: str | None = None) -> WriteError:
+    """A WriteError for a failed write of ``path``; ``kept`` says what is intact (default: the old file),
+    ``what`` names what was being written (default: the file's name)."""
     path = Path(path)
+    what = what or path.name
     folder = path.parent
     code = getattr(e, "errno", None)
     where = f"{folder} (disk {mount_point(folder)})"
-    intact = kept or (f"the previous {path.name} there is intact" if path.exists() else "nothing was replaced")
+    intact = kept or (f"the previous {path.name} there is intact" if path.exists() else "nothing was written")
     if code in DISK_FULL or (code is None and disk_is_full(folder)):
         try:
             free = shutil.disk_usage(mount_point(folder)).free
         except OSError:
             free = 0
-        msg = (f"no space left on the disk holding {where}, {free / 2**20:.1f} MiB free, while writing {path.name}; "
+        msg = (f"no space left on the disk holding {where}, {free / 2**20:.1f} MiB free, while writing {what}; "
                f"{intact}. Free some space, then rerun")
     elif code in NOT_WRITABLE:
         reason = "is read-only" if code == errno.EROFS else "is not writable (permission denied)"
-        msg = (f"{where} {reason}: cannot write {path.name}; {intact}. Choose another "
+        msg = (f"{where} {reason}: cannot write {what}; {intact}. Choose another "
                f"{option or 'output folder'} or make it writable")
     elif code == errno.ENOTDIR or isinstance(e, NotADirectoryError):
         msg = f"{folder}: a path component is a file, not a folder; choose another {option or 'output folder'}"

@@ -333,8 +333,7 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
                 now = time.time()
                 logs["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
                 t_last, imgs_since = now, 0
-                log_file.write(json.dumps(logs) + "\n")
-                log_file.flush()
+                _append_log(log_file, logs, ckpt_path, last_saved)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
@@ -367,6 +366,18 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
         raise Interrupted(f"stopped by {signal_name(stop.signum)} at step {step} of {cfg.steps}; {ckpt_path} holds "
                           "it, continue with --resume", stop.signum)
     return ema
+
+
+def _append_log(log_file, logs: dict, ckpt_path, last_saved):
+    try:
+        log_file.write(json.dumps(logs) + "\n")
+        log_file.flush()
+    except OSError as e:  # a full disk: say so, and what survives
+        from dydit.errors import write_error
+
+        kept = (f"the last checkpoint {ckpt_path} (step {last_saved}) is intact; continue with --resume once the "
+                "problem is fixed" if last_saved is not None else "no checkpoint was written yet")
+        raise write_error(e, log_file.name, kept=kept) from e
 
 
 def signal_name(signum: int) -> str:
