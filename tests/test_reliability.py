@@ -582,3 +582,45 @@ def test_valid_inputs_still_pass_the_checks():
         assert model(X, torch.tensor([0, 999]), torch.tensor([10, 0])).shape == (2, 8, 8, 8)
         assert model(X, torch.tensor(1000.0), Y2).shape == (2, 8, 8, 8)
         assert _dit("SiT-Tiny")(X, torch.tensor([0.0, 1.0]), Y2).shape[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# dydit eval keeps finished sample batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_resumes_from_the_batches_it_kept(tmp_path, monkeypatch):
+    import numpy as np
+
+    from dydit import evaluate, sampling
+    from dydit.assets import default_model_path
+    from dydit.models.dit import build_model
+
+    torch.manual_seed(0)
+    model = build_model("DiT-FMNIST", hidden_size=32, depth=1, num_heads=4)
+    args = dict(num_samples=10, sampler="ddim", steps=2, cfg_scale=1.5, seed=0, batch_size=3, progress=False)
+    want, labels, _ = evaluate.generate_samples(model, **args)
+
+    keep = tmp_path / "batches"
+    real, calls = sampling.sample, []
+
+    def dies_after_two_batches(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C in the third batch
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "sample", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.generate_samples(model, **args, keep_dir=keep)
+    assert sorted(f.name for f in keep.iterdir()) == ["batch_000000.npz", "batch_000001.npz"]
+
+    calls.clear()
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, _, _ = evaluate.generate_samples(model, **args, keep_dir=keep)
+    assert len(calls) == 2  # batches 2 and 3 of 4; 0 and 1 were read back
+    assert np.array_equal(got, want)
+    settings = dict(num_samples=10, steps=2, cfg_scale=1.5, seed=0, batch_size=3)
+    key = evaluate.batches_dir(default_model_path(), settings, cache_dir=tmp_path)
+    assert key == evaluate.batches_dir(default_model_path(), dict(settings), cache_dir=tmp_path)
+    assert key != evaluate.batches_dir(default_model_path(), {**settings, "steps": 3}, cache_dir=tmp_path)
