@@ -132,11 +132,12 @@ else:
 
 
 def _kill_points(seed: int, steps: int, every: int) -> dict:
-    """A seeded kill point: even seeds in the middle of a checkpoint write, odd ones at a step start."""
+    """A seeded kill point: even seeds in the middle of a checkpoint write (the first one too, which leaves
+    nothing to resume), odd ones at the start of a step after the first checkpoint."""
     rng = random.Random(seed)
     if seed % 2 == 0:
         return {"kind": "ckpt", "at": rng.choice(list(range(every, steps, every)))}
-    return {"kind": "step", "at": rng.randrange(1, steps)}
+    return {"kind": "step", "at": rng.randrange(every + 1, steps)}
 
 
 def _run_killed_child(spec: dict):
