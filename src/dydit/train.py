@@ -139,14 +139,13 @@ def load_training_checkpoint(path):
 def _save_checkpoint_or_explain(path, model, ema, opt, step, cfg, task, last_saved):
     """save_training_checkpoint; a failed write says which checkpoint is still intact."""
     from dydit.errors import WriteError
+    from dydit.io.runs import what_survives
 
     extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
     try:
         save_training_checkpoint(path, model, ema, opt, step, cfg, extra=extra)
     except WriteError as e:
-        kept = (f"the last checkpoint {path} (step {last_saved}) is intact; continue with --resume once the "
-                "problem is fixed" if last_saved is not None else "no checkpoint was written yet")
-        raise WriteError(f"{e} at step {step}; {kept}") from e
+        raise WriteError(f"{e} at step {step}; {what_survives(path, last_saved)}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +360,7 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
     if log_file:
         log_file.close()
     if stop.signum is not None:
-        from dydit.errors import Interrupted
-
-        raise Interrupted(f"stopped by {signal_name(stop.signum)} at step {step} of {cfg.steps}; {ckpt_path} holds "
-                          "it, continue with --resume", stop.signum)
+        raise stop.interrupted(step, cfg.steps, ckpt_path)
     return ema
 
 
@@ -374,16 +370,9 @@ def _append_log(log_file, logs: dict, ckpt_path, last_saved):
         log_file.flush()
     except OSError as e:  # a full disk: say so, and what survives
         from dydit.errors import write_error
+        from dydit.io.runs import what_survives
 
-        kept = (f"the last checkpoint {ckpt_path} (step {last_saved}) is intact; continue with --resume once the "
-                "problem is fixed" if last_saved is not None else "no checkpoint was written yet")
-        raise write_error(e, log_file.name, kept=kept) from e
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
+        raise write_error(e, log_file.name, kept=what_survives(ckpt_path, last_saved)) from e
 
 
 def memory_summary(model, params, opt, device) -> dict:

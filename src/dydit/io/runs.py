@@ -16,7 +16,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from dydit.errors import UserError, check_count, check_finite, check_writable_folder
+from dydit.errors import Interrupted, UserError, check_count, check_finite, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,13 @@ def check_resume(ckpt: dict, cfg, model, path) -> None:
                         "started with, or choose another --out")
 
 
+def what_survives(checkpoint, last_saved: int | None) -> str:
+    """For a failed write during a run: which checkpoint is intact, and how to go on."""
+    if last_saved is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint {checkpoint} (step {last_saved}) is intact; continue with --resume once the problem is fixed"
+
+
 def cut_log(path, step: int) -> int:
     """Drops the lines of ``log.jsonl`` past ``step`` (written after the checkpoint a resume starts from), so
     that no step is logged twice; returns how many were dropped."""
@@ -177,6 +184,11 @@ class StopSignals:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         log.warning("%s: stopping after this step, at a checkpoint (send it again to abort at once)",
                     signal.Signals(signum).name)
+
+    def interrupted(self, step: int, steps: int, checkpoint) -> Interrupted:
+        """The error a stopped run raises once its checkpoint is written."""
+        return Interrupted(f"stopped by {signal.Signals(self.signum).name} at step {step} of {steps}; {checkpoint} "
+                           "holds it, continue with --resume", self.signum)
 
     def requested(self, world: int = 1) -> bool:
         """Whether to stop now; with several processes, every rank agrees (any rank's signal stops all)."""
