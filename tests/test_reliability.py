@@ -468,6 +468,8 @@ CLI_PROBES = [
      "not found in"),
     ("demo --steps 0", ["demo", "--steps", "0", "--out", "{empty}/demo"], 2, "--steps must be a whole number >= 1"),
     ("bench compare --batch-size 0", ["bench", "compare", "--batch-size", "0"], 2, "--batch-size must be a whole number"),
+    ("bench engine --device cuda without a GPU", ["bench", "engine", "--device", "cuda"], 2, "no usable CUDA GPU"),
+    ("train-classifier --epochs 0", ["train-classifier", "--epochs", "0"], 2, "--epochs must be a whole number >= 1"),
 ]
 
 

@@ -351,6 +351,13 @@ def bench_engine_cmd(
     from tqdm.auto import tqdm
 
     from dydit.bench import bench_engine, result_dicts, results_table
+    from dydit.errors import UserError, check_count, check_device
+
+    check_count("--timed-steps", timed_steps, allow_none=False)
+    check_count("--repeats", repeats, allow_none=False)
+    check_device(device)
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got {dtype!r}")
 
     combos = [(m, float(t), int(s), int(b)) for m in models.split(",") for t in targets.split(",")
               for s in schedules.split(",") for b in batches.split(",")]

@@ -120,7 +120,11 @@ def train_classifier_command(
     import torch
 
     from dydit.classifier import save_classifier, train_classifier
+    from dydit.errors import check_count, check_writable_folder
 
+    for option, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--threads", threads)):
+        check_count(option, value)
+    check_writable_folder(out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
