@@ -74,8 +74,11 @@ def scoped(model):
     return handles
 
 
+DTYPE = "fp32"
+
+
 def run_once(model, labels, steps, dyn):
-    return sample(model, labels, "ddim", steps, cfg_scale=4.0, seed=0, dyn=dyn)
+    return sample(model, labels, "ddim", steps, cfg_scale=4.0, seed=0, dyn=dyn, dtype=DTYPE)
 
 
 def profile_run(model, labels, steps, make_dyn) -> dict:
@@ -114,9 +117,12 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", help="fp32 or bf16 (autocast of each network call)")
     ap.add_argument("--dynamic", default="fmnist_dydit_0.5", help="asset folder of the dynamic model")
     ap.add_argument("--out", default="docs/results/profile_embedded")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = args.dtype
     torch.set_num_threads(args.threads)
     root = Path(default_model_path()).parent
     static = dydit.load(root / "fmnist_dit").eval()
@@ -143,7 +149,7 @@ def main():
 
     prof = {"static": profile_run(static, labels, args.steps, lambda: None),
             "dynamic": profile_run(dyn, labels, args.steps, fast)}
-    result = {"batch": args.batch, "steps": args.steps, "rounds": args.rounds, "cfg_scale": 4.0, "threads": args.threads,
+    result = {"batch": args.batch, "steps": args.steps, "rounds": args.rounds, "dtype": args.dtype, "cfg_scale": 4.0, "threads": args.threads,
               "flops_ratio": summary["flops_ratio"], "ideal_speedup": ideal, "measured_speedup": measured,
               "efficiency": measured / ideal, "static_s": statistics.median(ts), "dynamic_s": statistics.median(td),
               "profile": prof}
@@ -157,7 +163,7 @@ def main():
 def render(r) -> str:
     s, d = r["profile"]["static"], r["profile"]["dynamic"]
     lines = [f"Embedded λ model vs static: batch {r['batch']}, DDIM {r['steps']}, CFG {r['cfg_scale']}, "
-             f"{r['threads']} threads, fp32. FLOPs ratio {r['flops_ratio']:.3f}: ideal {r['ideal_speedup']:.2f}×, "
+             f"{r['threads']} threads, {r['dtype']}. FLOPs ratio {r['flops_ratio']:.3f}: ideal {r['ideal_speedup']:.2f}×, "
              f"measured {r['measured_speedup']:.2f}× (static {r['static_s']:.2f} s, dynamic {r['dynamic_s']:.2f} s "
              f"per run; median of {r['rounds']} interleaved rounds), efficiency {r['efficiency']:.2f}.", "",
              "Profiled run (self time of aten ops; the rest is Python, dispatch and profiler overhead):", "",
