@@ -268,26 +268,37 @@ def plan(
     cfg_scale: float = typer.Option(4.0, help="guidance scale"),
     num_images: int = typer.Option(20, help="images sampled to measure token shares"),
     seed: int = typer.Option(0, help="seed"),
+    object_threshold: float = typer.Option(0.1, help="a patch of the final image is 'object' when its mean "
+                                                     "intensity in [0, 1] is above this (spatial selectivity)"),
 ):
-    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table + heat map)."""
+    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table, heat map,
+    plan.json); with token routers also their spatial selectivity and token-keep maps over the images."""
     import torch
 
     import dydit
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
-    from dydit.dynamic.report import plan_heatmap, plan_table, summarize
+    from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
+    from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
     from dydit.sampling import sample
 
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
-    ctx = DynamicContext("fast", record_usage=True)
+    ctx = DynamicContext("fast", record_usage=True, record_tokens=True)
     labels = torch.arange(num_images) % model.config.num_classes
-    sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+    images = sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
     spec = flops_spec(model)
     s = summarize(ctx.usage, spec, 2 if cfg_scale != 1.0 else 1)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(plan_json(ctx.usage, spec, s), indent=1))
+    if ctx.token_masks and model.config.vae is None:  # token maps are drawn over pixel-space images
+        patch = model.config.patch_size
+        sel = token_selectivity(ctx.token_masks, images, patch, threshold=object_threshold)
+        (out_dir / "selectivity.json").write_text(json.dumps(sel, indent=1))
+        (out_dir / "selectivity.md").write_text(selectivity_table(sel))
+        token_keep_maps(ctx.token_masks, images, patch, out_dir / "token_maps.png")
     text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
             f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
             f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
@@ -295,7 +306,9 @@ def plan(
     (out_dir / "plan.md").write_text(text)
     png = plan_heatmap(ctx.usage, spec, out_dir / "plan.png")
     typer.echo(text[: text.index("| step")])
-    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}")
+    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}\nper step and block: {out_dir / 'plan.json'}")
+    if (out_dir / "selectivity.md").exists():
+        typer.echo(f"token selectivity: {out_dir / 'selectivity.md'}\ntoken-keep maps: {out_dir / 'token_maps.png'}")
 
 
 bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed.",

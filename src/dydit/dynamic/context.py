@@ -96,7 +96,7 @@ class ModelBinding:
 class DynamicContext:
     def __init__(self, mode: str = "auto", tau: float | None = None, plan: WidthPlan | None = None,
                  weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 noise: float = 1.0):
+                 noise: float = 1.0, record_tokens: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")
         self.mode = mode
@@ -105,6 +105,10 @@ class DynamicContext:
         self._given_plan = plan
         self.weights = weights if weights is not None else SlicedWeights(max_cache_bytes)
         self.record_usage = record_usage
+        # record_tokens: keep every routed block's token mask of every fast/masked forward, as
+        # (t, block index, (B, N) bool on the CPU), for token-keep maps and spatial selectivity
+        self.record_tokens = record_tokens
+        self.token_masks: list[tuple[float, int, torch.Tensor]] = []
         self.records: list[BlockUsage] = []
         self.usage: list[StepUsage] = []
         self.step_width = None
@@ -149,6 +153,7 @@ class DynamicContext:
             mode = "train" if model.training and torch.is_grad_enabled() else ("fast" if shared else "masked")
         self.current_mode = mode
         self.t_emb = t_emb
+        self.t_value = float(t[0])
         if mode == "fast":
             if not shared:
                 raise ValueError("the fast dynamic path needs one timestep for the whole batch (as in sampling); "
@@ -164,6 +169,10 @@ class DynamicContext:
 
     def record(self, spec, masks, token_mask):
         self.records.append(BlockUsage(spec, masks, token_mask))
+
+    def record_token_mask(self, index: int, keep: torch.Tensor):
+        if self.record_tokens:
+            self.token_masks.append((self.t_value, index, keep.detach().bool().cpu()))
 
     def record_fast(self, i: int, heads: int, groups: int, tokens_kept: int):
         if self._current is not None:

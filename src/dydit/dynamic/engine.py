@@ -112,6 +112,7 @@ class BlockRun:
                 self.kept = x.shape[0] * x.shape[1]
                 return x + update_fn(x, _pick_rows)
             keep = router.keep(x)  # (B, N)
+            self.ctx.record_token_mask(self.index, keep)
             if bool(keep.all()):  # nothing skipped: no gather/scatter copies (time and peak memory)
                 self.kept = keep.numel()
                 return x + update_fn(x, _pick_rows)
@@ -121,6 +122,7 @@ class BlockRun:
         update = update_fn(x, _pick_rows)
         if router is not None:
             self.token_mask = router(x, self.ctx.tau, self.ctx.current_mode == "train", self.ctx.noise)
+            self.ctx.record_token_mask(self.index, self.token_mask > 0.5)
             update = update * self.token_mask.unsqueeze(-1).to(update.dtype)
         return x + self.gate_update(update)
 

@@ -58,6 +58,21 @@ def sampling_forwards(model, sampler: str, steps: int) -> int:
     return len(make_process(model, sampler, steps).sampling_timesteps())
 
 
+def plan_json(usage, spec: FlopsSpec, summary: dict | None = None) -> dict:
+    """Per step and block: active heads, MLP groups and token share, with the step's FLOPs ratio and the
+    run's realised ratio (``summary`` from :func:`summarize`)."""
+    heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
+    steps = [{"step": i, "t": u.t, "flops_ratio": float(ratio[i]), "gmacs_per_forward": float(gmacs[i]),
+              "blocks": [{"block": b, "heads": u.heads[b], "groups": u.groups[b], "token_share": float(tokens[i, b])}
+                         for b in range(len(u.heads))]}
+             for i, u in enumerate(usage)]
+    out = {"realised_flops_ratio": float(ratio.mean()), "num_heads": [b.num_heads for b in spec.blocks],
+           "num_groups": [b.num_groups for b in spec.blocks], "steps": steps}
+    if summary is not None:
+        out["summary"] = summary
+    return out
+
+
 def plan_table(usage, spec: FlopsSpec) -> str:
     """Markdown table: one row per step with per-block heads/groups/token share and GMACs."""
     heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
