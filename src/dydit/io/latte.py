@@ -138,6 +138,9 @@ def load_diffusers_latte(folder, cfg: dict, objective=None, map_location="cpu"):
     for k in [k for k in own if k not in state and k.endswith("pos_embed.pos_embed")]:
         state[k] = own[k]  # the fixed sin-cos table: recomputed from the config, some savers leave it out
     load_state_dict_strict(model, state, source=str(source))
+    from dydit.dynamic.backbones.latte import register_diffusers_latte
+
+    register_diffusers_latte()  # its block order for First-Block-Cache
     return model.eval()
 
 

@@ -69,3 +69,42 @@ class LatteModelAdapter(ModelAdapter):
 register_block_adapter(SpatialBlock, LatteSpatialAdapter())
 register_block_adapter(TemporalBlock, LatteTemporalAdapter())
 register_model_adapter(Latte, LatteModelAdapter())
+
+
+class DiffusersLatteModelAdapter(ModelAdapter):
+    """diffusers ``LatteTransformer3DModel``: its blocks in execution order (spatial and temporal lists
+    interleaved) and the routers' input, the embedding of t alone that ``adaln_single`` computes.
+
+    This is what First-Block-Cache needs (:mod:`dydit.cache`). No block adapter is registered for
+    diffusers' ``BasicTransformerBlock`` (shared by many diffusers models), so ``dynamize`` refuses this
+    layout with a one-line error until one is written.
+    """
+
+    def blocks(self, model):
+        return [b for pair in zip(model.transformer_blocks, model.temporal_transformer_blocks) for b in pair]
+
+    def router_input(self, model, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return t, self.timestep_embedding(model, t)
+
+    def timestep_embedding(self, model, t):
+        emb = model.adaln_single.emb
+        return emb(t, resolution=None, aspect_ratio=None, batch_size=len(t), hidden_dtype=model.proj_out.weight.dtype)
+
+    def router_input_modules(self, model):
+        return [model.adaln_single.emb]
+
+    def num_tokens(self, model) -> int:
+        c = model.config
+        return c.video_length * (c.sample_size // c.patch_size) ** 2
+
+
+def register_diffusers_latte() -> None:
+    """Registers :class:`DiffusersLatteModelAdapter` (imports diffusers, which takes seconds: so not at import)."""
+    from diffusers import LatteTransformer3DModel
+
+    register_model_adapter(LatteTransformer3DModel, DiffusersLatteModelAdapter())
