@@ -188,10 +188,56 @@ def test_diffusers_latte_folder_gives_diffusers_output(tmp_path, temporal):
     assert rel_err(dydit.load(tmp_path / "pipe")(x, **kw).sample.detach(), expect) <= 1e-5
 
 
-def test_diffusers_latte_is_refused_by_dynamize_in_one_line(tmp_path):
-    _diffusers_latte().save_pretrained(tmp_path / "latte")
-    with pytest.raises(TypeError, match="no registered dydit block adapter"):
-        dynamize(dydit.load(tmp_path / "latte"))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dylatte_on_a_diffusers_folder(tmp_path, batch):
+    ref = _diffusers_latte()
+    ref.save_pretrained(tmp_path / "latte")
+    model = dydit.load(tmp_path / "latte")
+    g = torch.Generator().manual_seed(2)
+    x, e = torch.randn(batch, 4, 3, 8, 8, generator=g), torch.randn(batch, 5, 12, generator=g)
+    with torch.no_grad():
+        dynamize(model)
+        t = torch.full((batch,), 300)
+        assert rel_err(model(x, t, e).sample, ref(x, t, e).sample) < 1e-6  # routers start fully on
+        scramble_routers(model)
+        differs = False
+        for tv in (10, 300, 900):
+            t = torch.full((batch,), tv)
+            masked = model(x, t, e, dyn="masked").sample
+            assert rel_err(model(x, t, e, dyn="fast").sample, masked) < 1e-5
+            assert rel_err(model(x, t, e).sample, masked) < 1e-5  # a plain call routes
+            complete = model(x, t, e, dyn="complete").sample
+            assert torch.equal(complete, ref(x, t, e).sample)
+            differs |= rel_err(masked, complete) > 1e-3
+        assert differs
+    spec = flops_spec(model)
+    D, F_, N = 16, 3, 16
+    assert [b.kind for b in spec.blocks] == ["spatial", "temporal"] * 2
+    assert spec.blocks[0].attn == 4 * F_ * N * D * D + F_ * 2 * N * N * D
+    assert spec.blocks[1].attn == 4 * F_ * N * D * D + N * 2 * F_ * F_ * D
+    assert spec.blocks[1].modulation == 0 < spec.blocks[0].modulation  # dense cross-attention: spatial only
+
+
+def test_the_basic_transformer_block_adapter_claims_only_latte_blocks():
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from dydit.dynamic.adapters import block_adapter
+    from dydit.dynamic.backbones.latte import register_diffusers_latte
+
+    register_diffusers_latte()
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.tensor([1])
+    before = dit(x, t, class_labels=y).sample
+    blk = dit.transformer_blocks[0]
+    assert isinstance(blk, BasicTransformerBlock) and type(blk) is BasicTransformerBlock
+    with pytest.raises(ValueError, match="norm_type 'ada_norm_zero'"):
+        block_adapter(blk).spec(blk, dit)
+    with pytest.raises(TypeError, match="no registered dydit model adapter"):
+        dynamize(dit)
+    assert torch.equal(dit(x, t, class_labels=y).sample, before)  # diffusers' other models are untouched
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def load_diffusers_latte(folder, cfg: dict, objective=None, map_location="cpu"):
     load_state_dict_strict(model, state, source=str(source))
     from dydit.dynamic.backbones.latte import register_diffusers_latte
 
-    register_diffusers_latte()  # its block order for First-Block-Cache
+    register_diffusers_latte()  # DyLatte and First-Block-Cache on this layout
     return model.eval()
 
 
