@@ -348,6 +348,22 @@ def test_dynamized_latte_saves_and_loads_routed(tmp_path):
     assert torch.allclose(out, model(x, t, y), atol=1e-6)
     assert rel_err(out, loaded(x, t, y, dyn="masked")) < 1e-5
     assert rel_err(out, loaded(x, t, y, dyn="complete")) > 1e-3
+    # the same weights in the official layout ({"ema": state dict} with the authors' router names)
+    torch.save({"ema": model.state_dict()}, tmp_path / "dylatte.pt")
+    official = dydit.load(tmp_path / "dylatte.pt", model_name="Latte-Tiny")
+    assert official.dynamic_config is not None and torch.allclose(official(x, t, y), out, atol=1e-6)
+
+
+def test_importance_reordering_keeps_the_latte_function():
+    model = tiny()
+    x, t, y = video(2), torch.tensor([30.0, 800.0]), torch.tensor([1, 2])
+    ref = model(x, t, y)
+    dynamize(model, reorder=True)
+    assert rel_err(model(x, t, y, dyn="masked"), ref) < 1e-5
+    qkv = model.blocks[1].attn.qkv.weight.view(3, 4, 16, 64).abs().sum(dim=(0, 2, 3))
+    proj = model.blocks[1].attn.proj.weight.view(64, 4, 16).abs().sum(dim=(0, 2))
+    score = qkv + proj
+    assert torch.equal(score, score.sort(descending=True).values)  # temporal heads ranked too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,9 +493,12 @@ def test_train_latte_on_moving_fmnist_and_sample_a_gif(tmp_path):
     small = randomize(build_model("Latte-Tiny", in_channels=1), scale=0.1)
     dydit.save(dynamize(small), tmp_path / "tiny")
     r = CliRunner().invoke(app, ["sample", str(tmp_path / "tiny"), "--classes", "0,1,2", "--num-per-class", "2",
-                                 "--steps", "2", "--out", str(tmp_path / "grid.png"), "--cfg-scale", "2"])
+                                 "--steps", "2", "--out", str(tmp_path / "grid.png"), "--cfg-scale", "2",
+                                 "--fbcache", "0.1"])
     assert r.exit_code == 0, r.output
     gif = Image.open(tmp_path / "grid.gif")
     assert gif.n_frames == 3  # one GIF frame per video frame
     # 3 rows (one per class) of 2 videos of 8x8 pixels, scaled ×3, with 2-pixel borders
     assert gif.size == ((2 * 10 + 2) * 3, (3 * 10 + 2) * 3)
+    listing = CliRunner().invoke(app, ["models"]).output
+    assert "Latte-MFMNIST" in listing and "Latte-XL/2" in listing and "DiT-XL/2" in listing
