@@ -138,6 +138,13 @@ def test_official_sizes_need_no_model_name_and_wrong_files_say_why(tmp_path):
         dydit.load(tmp_path / "s8.pt", model_name="Latte-B/8")
 
 
+def test_unconditional_latte_samples_without_guidance_and_refuses_it_in_one_line():
+    model = tiny(extras=1)
+    assert sample(model, [0, 0], "ddim", 2).shape == (2, 3, 2, 8, 8)
+    with pytest.raises(ValueError, match="class-conditional model"):
+        sample(model, [0, 0], "ddim", 2, cfg_scale=4.0)
+
+
 def test_forward_with_cfg_is_the_official_guidance():
     model = tiny()
     x, t = video(2), torch.full((4,), 300.0)

@@ -71,8 +71,10 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
     kw = {"dyn": dyn} if dyn is not None else {}  # a dynamic model without one uses its own default
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, labels, **kw)
-    if model.y_embedder.dropout_prob <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
+    embedder = getattr(model, "y_embedder", None)  # unconditional models (Latte extras=1) have none
+    if embedder is None or embedder.dropout_prob <= 0:
+        raise ValueError("classifier-free guidance needs a class-conditional model trained with class dropout "
+                         "(a null class); sample with cfg_scale=1")
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
     gc = None if model.config.objective == "flow" else guided_channels
 
