@@ -179,20 +179,22 @@ def _recipe_metadata(checkpoint) -> dict:
     return {"recipe": cfg["recipe"]} if "recipe" in cfg else {}
 
 
-def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
-    """Median wall-clock seconds of one full sampling run, after a short warm-up run."""
+def _time_interleaved(runs: dict, repeats: int) -> dict:
+    """Median wall-clock seconds of each named run ``fn()``, timed in interleaved rounds after one warm-up
+    each (as B2 does: drifts in machine load hit every run alike; timing one model after the other
+    favours whichever runs first)."""
     import statistics
     import time
 
-    from dydit.sampling import sample
-
-    sample(model, labels[:2], "ddim", 2, cfg_scale=cfg_scale, seed=seed, dyn=dyn)  # warm-up
-    times, out = [], None
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def demo(
@@ -213,6 +215,7 @@ def demo(
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
+    from dydit.sampling import sample
     from dydit.viz import save_grid
 
     console = Console()
@@ -229,18 +232,21 @@ def demo(
                         f"{torch.get_num_threads()} CPU threads")
     for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
         table.add_column(col)
-    base_time = None
     summary = []
     with console.status("sampling..."):
-        for name, path in models:
-            model = dydit.load(path)
+        loaded = {name: dydit.load(path) for name, path in models}
+
+        def run(model):  # one full sampling run on the model's inference engine
+            ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
+            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx), ctx
+
+        seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
+        base_time = seconds["static"] / len(labels)
+        for name, model in loaded.items():
             spec = flops_spec(model)
-            dynamic = getattr(model, "dynamic_config", None) is not None
-            dyn = DynamicContext("fast", record_usage=True) if dynamic else None
-            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats)
-            s = summarize(dyn.usage[-steps:] if dynamic else None, spec, cfg_batches, forwards=steps)  # the last run
-            per_image = seconds / len(labels)
-            base_time = base_time or per_image
+            x, dyn = run(model)
+            s = summarize(dyn.usage if dyn is not None else None, spec, cfg_batches, forwards=steps)
+            per_image = seconds[name] / len(labels)
             grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
                              nrow=10, pad=model.config.pixel_pad)
             row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],

@@ -115,7 +115,10 @@ class BlockRun:
             if router is None:
                 self.kept = x.shape[0] * x.shape[1]
                 return x + update_fn(x, _pick_rows)
-            keep = router.keep(x)  # (B, N)
+            keep = router.keep(x)  # (B·repeat, N)
+            if bool(keep.all()):  # nothing skipped: no gather/scatter copies (time and peak memory)
+                self.kept = keep.numel()
+                return x + update_fn(x, _pick_rows)
             xs, flat_idx, sample_idx = gather_tokens(x, keep)  # (M, D)
             self.kept = flat_idx.numel()
             return scatter_add_tokens(x, flat_idx, update_fn(xs, lambda v: v.index_select(0, sample_idx)))

@@ -139,10 +139,11 @@ class _Cache:
     entries: dict = field(default_factory=dict)
 
 
-# The fast path's default cache budget for gathered (non-contiguous) weight restrictions. Measured on
-# DiT-S/2..XL/2 (docs/results/bench_engine_memory.md): gathering on the fly costs under 1% of a step,
-# while caching every distinct active set cost +14% peak memory on DiT-B/2 and would not scale to
-# FLUX-size models. Contiguous restrictions are zero-copy views and never need the cache.
+# The fast path's default cache budget for gathered (non-contiguous) weight restrictions: none. Caching
+# every distinct active set cost +14% peak memory on DiT-B/2 (docs/RESULTS.md, B2) and grows with the
+# model (per-step copies of FLUX-size weights); gathering one Linear's rows on the fly is a copy of the
+# narrowed matrix that the matmul then reads anyway. Contiguous restrictions (importance-ordered slots:
+# the always-on slot first) are zero-copy views and never need it.
 DEFAULT_CACHE_BYTES = 0
 
 

@@ -50,24 +50,32 @@ class DiTBlockAdapter(BlockAdapter):
         if run.skipped:
             return x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(block.norm1(x), shift_msa, scale_msa)
-        B, N, _ = h.shape
-        nh, hd = run.num_heads("attn"), block.attn.head_dim
-        if nh == 0:
-            attn_out = run.linear("attn.proj", h.new_zeros(B, N, 0))
-        else:
-            qkv = run.linear("attn.qkv", h).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, hd)
-            o = run.mask_heads("attn", o.transpose(1, 2).reshape(B, N, nh * hd), repeat)
-            attn_out = run.linear("attn.proj", o)
+        # the attention's intermediates live only inside _attention, so they are freed before the MLP runs
+        # (as the static block's temporaries are): the dynamic block's peak memory stays at the static one's
+        attn_out = _attention(block, run, modulate(block.norm1(x), shift_msa, scale_msa), repeat)
         x = x + run.gate_update(gate_msa.unsqueeze(1) * attn_out, repeat)
+        del attn_out
 
         def mlp_update(z, pick):  # z: the tokens that run the MLP; pick(v) aligns per-row tensors with them
-            hz = block.norm2(z) * (1 + pick(scale_mlp)) + pick(shift_mlp)
-            a = run.mask_groups("mlp", run.linear("mlp.fc1", hz), repeat)
-            return pick(gate_mlp) * run.linear("mlp.fc2", block.mlp.act(a))
+            # rebinding `a` frees each intermediate as soon as the next exists, as the static Mlp does
+            a = block.norm2(z) * (1 + pick(scale_mlp)) + pick(shift_mlp)  # modulated tokens
+            a = run.linear("mlp.fc1", a)
+            a = block.mlp.act(run.mask_groups("mlp", a, repeat))
+            return pick(gate_mlp) * run.linear("mlp.fc2", a)
 
         return run.token_update("mlp", x, mlp_update, repeat)
+
+
+def _attention(block: DiTBlock, run, h, repeat: int = 1):
+    """The routed attention's output projection of h: (B·repeat, N, D), ``repeat`` rows per sample."""
+    B, N, _ = h.shape
+    nh, hd = run.num_heads("attn"), block.attn.head_dim
+    if nh == 0:
+        return run.linear("attn.proj", h.new_zeros(B, N, 0))
+    qkv = run.linear("attn.qkv", h).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, hd)
+    del qkv
+    return run.linear("attn.proj", run.mask_heads("attn", o.transpose(1, 2).reshape(B, N, nh * hd), repeat))
 
 
 class DiTModelAdapter(ModelAdapter):
