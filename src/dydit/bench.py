@@ -153,7 +153,7 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         ctx = DynamicContext("fast", plan=plan, record_usage=True)
         for t in timed:
             with torch.autocast(**amp):
-                model(x[:2], torch.full((2,), t, device=device), y[:2], dyn=ctx)
+                model(x[:2], torch.full((len(x[:2]),), t, device=device), y[:2], dyn=ctx)  # batch 1: one t
         return summarize(ctx.usage, spec)["flops_ratio"]
 
     # Token routers are calibrated inside the narrowed network (random weights make token logits depend

@@ -47,6 +47,20 @@ def make_process(model, method: str, num_steps: int):
                              clip_denoised=model.config.clip_denoised)
 
 
+def video_frames(model) -> int | None:
+    """Frames per sample of a video model (Latte: inputs (B, F, C, H, W)); None for image models."""
+    return getattr(model.config, "num_frames", None)
+
+
+def channels_first(fn):
+    """A video model's f(x, t) on (B, F, C, H, W) as the diffusion processes call it: channels on dim 1.
+
+    The processes split ε from the variance channels and broadcast per-sample coefficients along dim 1
+    and over every other dimension, so a video is just a (B, C, F, H, W) tensor to them.
+    """
+    return lambda x, t: fn(x.transpose(1, 2), t).transpose(1, 2)
+
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,8 +92,10 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
     kw = {"dyn": dyn} if dyn is not None else {}  # a dynamic model without one uses its own default
     if cfg_scale == 1.0:
         return _autocast(lambda x, t: model(x, t, labels, **kw), model, dtype)
-    if model.y_embedder.dropout_prob <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
+    embedder = getattr(model, "y_embedder", None)  # unconditional models (Latte extras=1) have none
+    if embedder is None or embedder.dropout_prob <= 0:
+        raise ValueError("classifier-free guidance needs a class-conditional model trained with class dropout "
+                         "(a null class); sample with cfg_scale=1")
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
     gc = None if model.config.objective == "flow" else guided_channels
 
@@ -96,7 +112,8 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
 def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.0,
            guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None,
            dtype: str = "fp32"):
-    """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models).
+    """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models),
+    or (B, F, C, H, W) videos for a video model (``noise`` in the same layout).
 
     ``progress`` wraps the step loop (e.g. tqdm). A dynamic model samples on the fast engine unless
     ``dyn`` says otherwise (a :class:`dydit.dynamic.DynamicContext` or a mode name: ``"masked"``,
@@ -111,10 +128,14 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
     if len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
         raise ValueError(f"class ids must be in [0, {cfg.num_classes}); got {labels.tolist()}")
     gen = torch.Generator().manual_seed(seed)
+    frames = video_frames(model)
     if noise is None:
-        noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        noise = torch.randn(len(labels), *((frames,) if frames else ()), *shape, generator=gen).to(device)
     process = make_process(model, method, num_steps)
     fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn, dtype)
+    if frames:
+        fn, noise = channels_first(fn), noise.transpose(1, 2)
     was_training = model.training
     model.eval()  # training mode would drop labels and draw gumbel noise in the routers
     try:
@@ -125,6 +146,7 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
             ctx = default_context(model)
         if hasattr(ctx, "prepare"):  # a context (a mode name plans lazily, step by step)
             ctx.prepare(model, process)
-        return process.sample(fn, noise, progress=progress, generator=gen)
+        out = process.sample(fn, noise, progress=progress, generator=gen)
+        return out.transpose(1, 2) if frames else out
     finally:
         model.train(was_training)

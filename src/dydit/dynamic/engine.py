@@ -40,6 +40,7 @@ class BlockRun:
         self.fast = ctx.current_mode == "fast"
         self.token_mask = None
         self.kept = None
+        self.samples = ctx.t_emb.shape[0]  # samples in the batch (rows of x may be samples × frames)
         if self.fast:
             self.width = ctx.step_width[index]
             self.skipped = self.width.skipped
@@ -91,19 +92,22 @@ class BlockRun:
         return self._apply(unit, a, repeat)
 
     # ---- block skip ----
-    def gate_update(self, update: torch.Tensor) -> torch.Tensor:
-        """A residual update (B, ...) times the block gate (masked modes of the block-skip ablation)."""
+    def gate_update(self, update: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """A residual update (B·repeat, ...) times the block gate (masked modes of the block-skip ablation)."""
         if self.fast or self.run_mask is None:
             return update
-        return update * self.run_mask.view(-1, *([1] * (update.ndim - 1))).to(update.dtype)
+        gate = self.run_mask.repeat_interleave(repeat, dim=0) if repeat > 1 else self.run_mask
+        return update * gate.view(-1, *([1] * (update.ndim - 1))).to(update.dtype)
 
     # ---- tokens ----
-    def token_update(self, unit: str, x: torch.Tensor, update_fn) -> torch.Tensor:
-        """x + update of the token-routed branch ``unit``; x: (B, N, D).
+    def token_update(self, unit: str, x: torch.Tensor, update_fn, repeat: int = 1) -> torch.Tensor:
+        """x + update of the token-routed branch ``unit``; x: (B·repeat, N, D).
 
-        ``update_fn(z, pick)`` computes the branch's residual update for tokens ``z`` — all of x (B, N, D),
-        or on the fast path only the kept tokens of the whole batch (M, D) — where ``pick(v)`` aligns a
-        per-sample tensor v (B, D) with z's rows.
+        ``update_fn(z, pick)`` computes the branch's residual update for tokens ``z`` — all of x, or on the
+        fast path only the kept tokens of the whole batch (M, D) — where ``pick(v)`` aligns a per-row
+        tensor v (B·repeat, D) with z's rows. ``repeat`` > 1: each sample's tokens span ``repeat`` rows of
+        x (Latte folds frames or patch positions into the batch); the recorded token mask is per sample,
+        (B, repeat·N), so the FLOPs ratio counts a sample's tokens over all its rows.
         """
         name = self.spec.unit(unit).token_router
         router = getattr(self.block, name, None) if name is not None else None
@@ -111,8 +115,8 @@ class BlockRun:
             if router is None:
                 self.kept = x.shape[0] * x.shape[1]
                 return x + update_fn(x, _pick_rows)
-            keep = router.keep(x)  # (B, N)
-            self.ctx.record_token_mask(self.index, keep)
+            keep = router.keep(x)  # (B·repeat, N)
+            self.ctx.record_token_mask(self.index, keep.reshape(x.shape[0] // repeat, -1))
             if bool(keep.all()):  # nothing skipped: no gather/scatter copies (time and peak memory)
                 self.kept = keep.numel()
                 return x + update_fn(x, _pick_rows)
@@ -121,10 +125,11 @@ class BlockRun:
             return scatter_add_tokens(x, flat_idx, update_fn(xs, lambda v: v.index_select(0, sample_idx)))
         update = update_fn(x, _pick_rows)
         if router is not None:
-            self.token_mask = router(x, self.ctx.tau, self.ctx.current_mode == "train", self.ctx.noise)
+            mask = router(x, self.ctx.tau, self.ctx.current_mode == "train", self.ctx.noise)  # (B·repeat, N)
+            update = update * mask.unsqueeze(-1).to(update.dtype)
+            self.token_mask = mask.reshape(x.shape[0] // repeat, -1)
             self.ctx.record_token_mask(self.index, self.token_mask > 0.5)
-            update = update * self.token_mask.unsqueeze(-1).to(update.dtype)
-        return x + self.gate_update(update)
+        return x + self.gate_update(update, repeat)
 
     def finish(self):
         ctx = self.ctx

@@ -73,8 +73,24 @@ def plan_json(usage, spec: FlopsSpec, summary: dict | None = None) -> dict:
     return out
 
 
+def usage_by_kind(usage, spec: FlopsSpec) -> dict:
+    """Per block kind (DiT: "block"; Latte: "spatial"/"temporal"), over all steps of ``usage``: mean head,
+    group and token shares, and the realised block-MACs ratio of that kind (its dynamic / static MACs)."""
+    heads, groups, tokens, _, _ = usage_arrays(usage, spec)
+    out = {}
+    for kind in dict.fromkeys(b.kind for b in spec.blocks):
+        cols = [i for i, b in enumerate(spec.blocks) if b.kind == kind]
+        static = sum(spec.blocks[i].attn + spec.blocks[i].mlp for i in cols)
+        dynamic = np.array([sum(heads[s, i] * spec.blocks[i].attn + groups[s, i] * tokens[s, i] * spec.blocks[i].mlp
+                                for i in cols) for s in range(len(usage))])
+        out[kind] = {"blocks": len(cols), "heads": float(heads[:, cols].mean()), "groups": float(groups[:, cols].mean()),
+                     "tokens": float(tokens[:, cols].mean()), "flops_ratio": float((dynamic / static).mean())}
+    return out
+
+
 def plan_table(usage, spec: FlopsSpec) -> str:
-    """Markdown table: one row per step with per-block heads/groups/token share and GMACs."""
+    """Markdown table: one row per step with per-block heads/groups/token share and GMACs; a second table
+    per block kind when the model has several (Latte's spatial and temporal blocks)."""
     heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
     H = spec.blocks[0].num_heads
     lines = ["| step | t | heads per block | groups per block | token share per block | ratio | GMACs |",
@@ -84,6 +100,12 @@ def plan_table(usage, spec: FlopsSpec) -> str:
             f"| {i} | {u.t:g} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
             f"{' '.join(f'{v:.2f}' for v in tokens[i])} | {ratio[i]:.3f} | {gmacs[i]:.4f} |"
         )
+    kinds = usage_by_kind(usage, spec)
+    if len(kinds) > 1:
+        lines += ["", "| block kind | blocks | head share | group share | token share | FLOPs ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['blocks']} | {v['heads']:.3f} | {v['groups']:.3f} | {v['tokens']:.3f} | "
+                  f"{v['flops_ratio']:.3f} |" for k, v in kinds.items()]
     return "\n".join(lines) + "\n"
 
 

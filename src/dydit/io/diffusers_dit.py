@@ -59,7 +59,8 @@ def is_diffusers_dit_config(cfg: dict) -> bool:
 
 def apply_mlp_norm_eps(model) -> None:
     """Sets the pre-MLP LayerNorm eps recorded in ``config.extra`` (diffusers-converted models)."""
-    eps = model.config.extra.get(MLP_NORM_EPS)
+    extra = getattr(model.config, "extra", None) or {}  # other backbones' configs (diffusers classes) have none
+    eps = extra.get(MLP_NORM_EPS)
     if eps is not None:
         for block in model.blocks:
             block.norm2.eps = float(eps)
