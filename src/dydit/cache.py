@@ -243,7 +243,8 @@ def cached_macs(spec: FlopsSpec, cache: FirstBlockCache, usage=None, cfg_batches
         sub = FlopsSpec(blocks=spec.blocks[:n], embed=spec.embed, final=spec.final)
         if usage is not None:
             u = usage[i]
-            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]])
+            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]],
+                                  u.units[:n] or None)
         else:
             m = realised_macs(sub, [b.num_heads for b in sub.blocks], [b.num_groups for b in sub.blocks],
                               [b.num_tokens for b in sub.blocks])

@@ -14,10 +14,10 @@ def usage_arrays(usage, spec: FlopsSpec):
     groups = np.array([[g / b.num_groups for g, b in zip(u.groups, spec.blocks)] for u in usage])
     tokens = np.array([[k / (u.batch * u.tokens_total) for k in u.tokens_kept] for u in usage])
     gmacs = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["total"] / 1e9 for u in usage
+        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)["total"] / 1e9 for u in usage
     ])
     ratio = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["blocks"] / spec.block_total
+        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)["blocks"] / spec.block_total
         for u in usage
     ])
     return heads, groups, tokens, gmacs, ratio
