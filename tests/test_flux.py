@@ -303,3 +303,26 @@ def test_dyflux_transformer_in_diffusers_flux_pipeline(guidance):
     assert rel_err(fast, generate()) < 1e-5  # the masked reference gives the same images
     ctx.mode = "complete"
     assert rel_err(fast, generate()) > 1e-3  # and they are not the static model's
+
+
+# ---- 5. the engine at FLUX scale (the benchmark's code path, at a tiny size) ----
+
+
+def test_flux_block_benchmark_runs_lambda_shaped_plans_per_block_kind(tmp_path):
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    out = tmp_path / "bench_flux"
+    r = CliRunner().invoke(app, ["bench", "flux", "--blocks", "2", "--heads", "4", "--head-dim", "16", "--image-tokens",
+                                 "64", "--text-tokens", "8", "--repeats", "1", "--dtype", "fp32", "--device", "cpu",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [row["kind"] for row in rows] == ["double", "single"]
+    for row in rows:
+        assert abs(row["realised_ratio"] - 0.5) < 0.05  # the plan that ran is λ = 0.5-shaped
+        assert row["ideal_speedup"] > 1 and row["speedup"] > 0 and row["width"] == 64
+    assert "| double | 2 | 64 | 64 + 8 |" in out.with_suffix(".md").read_text()
