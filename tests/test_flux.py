@@ -326,3 +326,30 @@ def test_flux_block_benchmark_runs_lambda_shaped_plans_per_block_kind(tmp_path):
         assert abs(row["realised_ratio"] - 0.5) < 0.05  # the plan that ran is λ = 0.5-shaped
         assert row["ideal_speedup"] > 1 and row["speedup"] > 0 and row["width"] == 64
     assert "| double | 2 | 64 | 64 + 8 |" in out.with_suffix(".md").read_text()
+
+
+def test_lora_adapters_run_exactly_on_the_fast_path_unmerged_and_merged(caplog, monkeypatch):
+    import dydit.dynamic.engine as engine
+
+    from peft import LoraConfig
+
+    model = tiny_flux()
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "add_k_proj", "to_out.0",
+                                                                      "ff.net.2", "proj_mlp", "proj_out"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero-initialised: make the adapters change the function
+                p.copy_(torch.randn_like(p) * 0.3)
+    kw = flux_inputs(3)
+    static = run(model, kw)
+    model = scramble(dynamize(model))
+    with caplog.at_level("WARNING", logger="dydit.dynamic.engine"):
+        unmerged = run(model, kw, "fast")
+    assert rel_err(unmerged, run(model, kw, "masked")) < 1e-5
+    assert "merge the adapter" in caplog.text  # full width: exact, and the user is told why it is not faster
+    assert rel_err(run(model, kw, "complete"), static) < 1e-5
+    model.fuse_lora()
+    monkeypatch.setattr(engine, "_wrapped_linear", None)  # merged adapters never take the full-width fallback
+    ctx = DynamicContext("fast")
+    assert rel_err(run(model, kw, ctx), unmerged) < 1e-5  # merged: the plain narrowed base layers
+    assert rel_err(run(model, kw, "masked"), unmerged) < 1e-5

@@ -47,6 +47,17 @@ def _picker(B: int, N: int, flat_idx: torch.Tensor, sample_idx: torch.Tensor):
     return pick
 
 
+def _plain_linear(module):
+    """The nn.Linear that computes ``module``: itself, or the base layer of an adapter wrapper (peft's LoRA
+    layers) whose adapters are merged into it or disabled; None when unmerged adapters run beside it."""
+    if isinstance(module, nn.Linear) or getattr(module, "needs_merged_weights", False):
+        return module
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Linear) and bool(getattr(module, "merged", False)) != bool(getattr(module, "disable_adapters", False)):
+        return base
+    return None
+
+
 def _wrapped_linear(module, rows, cols, x: torch.Tensor, path: str) -> torch.Tensor:
     """A Linear wrapped by an adapter (an unmerged LoRA layer) at the active rows/columns: computed at full
     width with the inactive input columns zero, so the result is exact though not narrower."""
@@ -98,9 +109,10 @@ class BlockRun:
         if not self.fast:
             return module(x)
         rows, cols = self.ctx.binding.indices(self.index, self.width, path, module)
-        if not isinstance(module, nn.Linear) and not getattr(module, "needs_merged_weights", False):
+        plain = _plain_linear(module)
+        if plain is None:
             return _wrapped_linear(module, rows, cols, x, path)
-        w, b = self.ctx.weights.restricted(module, rows, cols, (self.width.key, path))
+        w, b = self.ctx.weights.restricted(plain, rows, cols, (self.width.key, path))
         return F.linear(x, w, b)
 
     def _apply(self, unit_name: str, out: torch.Tensor, repeat: int) -> torch.Tensor:
