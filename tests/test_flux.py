@@ -353,3 +353,17 @@ def test_lora_adapters_run_exactly_on_the_fast_path_unmerged_and_merged(caplog, 
     ctx = DynamicContext("fast")
     assert rel_err(run(model, kw, ctx), unmerged) < 1e-5  # merged: the plain narrowed base layers
     assert rel_err(run(model, kw, "masked"), unmerged) < 1e-5
+
+
+def test_a_dyflux_saved_by_diffusers_or_as_a_state_dict_loads_dynamic_again(tmp_path):
+    from safetensors.torch import save_file
+
+    model = scramble(dynamize(tiny_flux(True), DynamicConfig(optional_units=["mlp_context"])))
+    kw = flux_inputs(2, True)
+    ref = run(model, kw)
+    model.save_pretrained(tmp_path / "dyflux")  # diffusers' own save: config.json + router tensors
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "dyflux.safetensors")
+    for loaded in (dydit.load(tmp_path / "dyflux"), dydit.load(tmp_path / "dyflux.safetensors", config=tmp_path / "dyflux")):
+        c = loaded.dynamic_config
+        assert c.width and c.tokens and c.optional_units == ["mlp_context"]
+        assert rel_err(run(loaded, kw), ref) < 1e-5

@@ -2,7 +2,8 @@
 
 - A diffusers transformer folder (config.json + safetensors, sharded or not), or a pipeline folder with a
   ``transformer/`` subfolder, loads as diffusers' own model through ``from_pretrained`` (weights only:
-  safetensors, or ``torch.load(weights_only=True)``); ``dydit.dynamize`` makes it DyFLUX.
+  safetensors, or ``torch.load(weights_only=True)``); ``dydit.dynamize`` makes it DyFLUX. A DyFLUX saved
+  with ``save_pretrained`` (its router tensors in the folder) loads dynamic again.
 - The authors' DyFLUX file is ``{"module": state_dict}`` (plus training counters): diffusers' keys and, in
   every double and single block, ``token_selection.{linear_t, norm, router}``. It records no config, so
   ``dydit.load(path, config=<the base model's transformer folder, its config.json, or a dict>)``. Router
@@ -18,10 +19,15 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
+from safetensors import safe_open
+
+from dydit.dynamic.convert import ROUTER_NAMES
 from dydit.io.checkpoints import load_state_dict_strict
 from dydit.io.loaders import register_file_loader, register_folder_loader
+from dydit.io.official import read_safetensors_file
 
 CLASS_NAME = "FluxTransformer2DModel"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _CONFIG_HINT = ("pass config=<the base model's diffusers transformer folder or its config.json>, e.g. "
                 "dydit.load(path, config='FLUX.1-dev/transformer')")
 
@@ -30,10 +36,32 @@ def is_flux_config(cfg: dict) -> bool:
     return cfg.get("_class_name") == CLASS_NAME
 
 
+def _folder_weights(path: Path):
+    """(tensor names, safetensors files) of a diffusers model folder, single-file or sharded; (None, []) else."""
+    single = path / WEIGHTS_NAME
+    if single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            return list(f.keys()), [single]
+    index = path / (WEIGHTS_NAME + ".index.json")
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return list(weight_map), [path / name for name in sorted(set(weight_map.values()))]
+    return None, []
+
+
 def load_flux_folder(path, cfg, objective, map_location):
+    """diffusers' own loading for a static folder; a DyFLUX saved with ``save_pretrained`` (router tensors
+    beside diffusers' keys, which ``from_pretrained`` would drop) is rebuilt dynamic from its keys."""
     if objective not in (None, "flow"):
         raise ValueError(f"{path}: FLUX is a flow-matching model; objective={objective!r} does not apply")
-    return FluxTransformer2DModel.from_pretrained(str(path))
+    path = Path(path)
+    keys, files = _folder_weights(path)
+    if keys is None or not any(r in k for k in keys for r in ROUTER_NAMES):
+        return FluxTransformer2DModel.from_pretrained(str(path))
+    state = {}
+    for f in files:
+        state.update(read_safetensors_file(f, map_location))
+    return _build(state, cfg, path)
 
 
 def _state_of(obj):
@@ -100,10 +128,13 @@ def dynamic_layout(state: dict, num_heads: int):
 
 
 def load_flux_file(obj, path, which, model_name, objective, config):
-    state = _state_of(obj)
     if config is None:
         raise ValueError(f"{path}: a DyFLUX/FLUX checkpoint records no model config; {_CONFIG_HINT}")
-    cfg = read_flux_config(config)
+    return _build(_state_of(obj), read_flux_config(config), path)
+
+
+def _build(state: dict, cfg: dict, path):
+    """The model ``cfg`` describes, dynamic when ``state`` holds router tensors, with ``state`` loaded strictly."""
     model = FluxTransformer2DModel.from_config(cfg)
     want, have = _layout(state), _layout(model.state_dict())
     if want != have:
