@@ -100,6 +100,7 @@ def test_fast_equals_masked_both_block_kinds(guidance, batch, cfg):
     assert min(u.heads) < H and min(u.groups) < H and sum(u.tokens_kept) < len(u.heads) * kw["hidden_states"].shape[0] * NI
     assert any(units["mlp_context"] < H for units in u.units[:2])  # ff_context narrowed too (the option)
     assert [k for k in u.units[2]] == ["attn", "mlp"]  # single blocks: heads and MLP groups
+    assert ctx.weights.cache.used == 0 and not ctx.weights.cache.entries  # no sliced copies kept between steps
 
 
 def test_width_plan_ignores_the_prompt_and_is_keyed_by_t_and_guidance():
@@ -128,6 +129,17 @@ def test_ff_context_is_routed_only_when_asked():
     assert all(b.mlp_context_rate is None and b.mlp_rate is not None for b in plain.transformer_blocks)
     routed = dynamize(tiny_flux(), DynamicConfig(optional_units=["mlp_context"]))
     assert all(b.mlp_context_rate is not None for b in routed.transformer_blocks)
+    with pytest.raises(ValueError, match=r"\['mlp_ctx'\] name no optional unit of this model; it has \['mlp_context'\]"):
+        dynamize(tiny_flux(), DynamicConfig(optional_units=["mlp_ctx"]))
+
+
+def test_plan_report_shows_t_and_guidance_keys():
+    from dydit.dynamic.report import plan_table
+
+    model = scramble(dynamize(tiny_flux(True)))
+    ctx = DynamicContext("fast", record_usage=True)
+    run(model, flux_inputs(2, True, g=4.0), ctx)
+    assert "| 0 | 0.7, 4 |" in plan_table(ctx.usage, flops_spec(model))
 
 
 # ---- FLOPs: per block kind, joint attention length, per-unit usage ----

@@ -28,6 +28,12 @@ def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
         raise ValueError("model is already dynamic")
     if reorder:
         reorder_by_importance(model)
+    if config.optional_units:  # a misspelt unit would silently stay at full width
+        known = {u.name for b in model_adapter(model).blocks(model) if block_adapter(b) is not None
+                 for u in block_adapter(b).spec(b, model).units if u.optional}
+        unknown = sorted(set(config.optional_units) - known)
+        if unknown:
+            raise ValueError(f"optional_units {unknown} name no optional unit of this model; it has {sorted(known) or 'none'}")
     for block in model_adapter(model).blocks(model):
         adapter = block_adapter(block)
         if adapter is None:

@@ -58,6 +58,11 @@ def sampling_forwards(model, sampler: str, steps: int) -> int:
     return len(make_process(model, sampler, steps).sampling_timesteps())
 
 
+def _key(t) -> str:
+    """A plan key as text: the timestep, or (t, guidance, …) for routers that see more than t."""
+    return ", ".join(f"{v:g}" for v in t) if isinstance(t, tuple) else f"{t:g}"
+
+
 def plan_table(usage, spec: FlopsSpec) -> str:
     """Markdown table: one row per step with per-block heads/groups/token share and GMACs."""
     heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
@@ -66,7 +71,7 @@ def plan_table(usage, spec: FlopsSpec) -> str:
              "|---|---|---|---|---|---|---|"]
     for i, u in enumerate(usage):
         lines.append(
-            f"| {i} | {u.t:g} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
+            f"| {i} | {_key(u.t)} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
             f"{' '.join(f'{v:.2f}' for v in tokens[i])} | {ratio[i]:.3f} | {gmacs[i]:.4f} |"
         )
     return "\n".join(lines) + "\n"
