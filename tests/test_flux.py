@@ -373,6 +373,8 @@ def test_a_dyflux_saved_by_diffusers_or_as_a_state_dict_loads_dynamic_again(tmp_
     model = scramble(dynamize(tiny_flux(True), DynamicConfig(optional_units=["mlp_context"])))
     kw = flux_inputs(2, True)
     ref = run(model, kw)
+    with pytest.raises(TypeError, match="save it with model.save_pretrained"):
+        dydit.save(model, tmp_path / "native")
     model.save_pretrained(tmp_path / "dyflux")  # diffusers' own save: config.json + router tensors
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "dyflux.safetensors")
     for loaded in (dydit.load(tmp_path / "dyflux"), dydit.load(tmp_path / "dyflux.safetensors", config=tmp_path / "dyflux")):
