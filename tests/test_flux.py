@@ -381,3 +381,46 @@ def test_a_dyflux_saved_by_diffusers_or_as_a_state_dict_loads_dynamic_again(tmp_
         c = loaded.dynamic_config
         assert c.width and c.tokens and c.optional_units == ["mlp_context"]
         assert rel_err(run(loaded, kw), ref) < 1e-5
+
+
+# ---- hardening: other resolutions, mixed timesteps, training masks, importance reordering ----
+
+
+def test_another_resolution_and_prompt_length_are_counted_as_they_run():
+    model = scramble(dynamize(tiny_flux()))
+    ctx = DynamicContext("fast", record_usage=True)
+    run(model, flux_inputs(2), ctx)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+    kw = dict(flux_inputs(2), hidden_states=torch.randn(2, 64, C_IN), img_ids=ids.reshape(-1, 3),
+              encoder_hidden_states=torch.randn(2, 3, JOINT), txt_ids=torch.zeros(3, 3))
+    assert rel_err(run(model, kw, ctx), run(model, kw, "masked")) < 1e-5
+    assert [u.tokens_total for u in ctx.usage] == [NI, 64]
+    double = flops_spec(model).blocks[0]
+    assert double.num_tokens == 64 and double.units["attn"] == 4 * 67 * D * D + 2 * 67 * 67 * D
+
+
+def test_mixed_timesteps_route_masked_and_training_masks_reach_every_router():
+    model = scramble(dynamize(tiny_flux(True), DynamicConfig(optional_units=["mlp_context"])))
+    kw = dict(flux_inputs(3, True), timestep=torch.tensor([0.2, 0.5, 0.9]))
+    assert rel_err(run(model, kw), run(model, kw, "masked")) < 1e-5  # one call, three plans' worth of masks
+    assert not default_context(model).plan.steps
+    model.train()
+    out = model(**kw).sample
+    ratio = dynamic_ratio(flops_spec(model), default_context(model).records)  # (B,), differentiable
+    (out.square().mean() + ratio.mean()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if any(r in n for r in ROUTERS)}
+    assert all(g is not None for g in grads.values())  # every router is in the graph
+    for kind in ("attn_rate.", "mlp_rate.", "mlp_context_rate.", "token_selection.router.", "token_selection.linear_t."):
+        for stream in ("transformer_blocks.", "single_transformer_blocks."):  # (scrambled logits saturate some)
+            if kind != "mlp_context_rate." or stream == "transformer_blocks.":
+                assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith(stream) and kind in n), (stream, kind)
+
+
+def test_importance_reordering_keeps_the_flux_function():
+    model = tiny_flux(True)
+    kw = flux_inputs(2, True)
+    ref = run(model, kw)
+    w0 = model.single_transformer_blocks[0].proj_out.weight.clone()
+    dynamize(model, DynamicConfig(optional_units=["mlp_context"]), reorder=True)
+    assert not torch.equal(model.single_transformer_blocks[0].proj_out.weight, w0)  # slots really moved
+    assert rel_err(run(model, kw), ref) < 1e-5
