@@ -174,7 +174,8 @@ class DynamicContext:
                 self.weights.begin_step(t0, t_emb[:1])
             if self.record_usage:
                 n = len(self.step_width)
-                self._current = StepUsage(tuple(t0) if isinstance(t0, list) else t0, t.shape[0], [0] * n, [0] * n, [0] * n, binding.num_tokens,
+                key = tuple(t0) if isinstance(t0, list) else t0
+                self._current = StepUsage(key, t.shape[0], [0] * n, [0] * n, [0] * n, binding.num_tokens,
                                           [{} for _ in range(n)])
                 self.usage.append(self._current)
 

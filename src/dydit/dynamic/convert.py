@@ -33,7 +33,8 @@ def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
                  for u in block_adapter(b).spec(b, model).units if u.optional}
         unknown = sorted(set(config.optional_units) - known)
         if unknown:
-            raise ValueError(f"optional_units {unknown} name no optional unit of this model; it has {sorted(known) or 'none'}")
+            raise ValueError(f"optional_units {unknown} name no optional unit of this model; "
+                             f"it has {sorted(known) or 'none'}")
     for block in model_adapter(model).blocks(model):
         adapter = block_adapter(block)
         if adapter is None:

@@ -53,7 +53,8 @@ def _plain_linear(module):
     if isinstance(module, nn.Linear) or getattr(module, "needs_merged_weights", False):
         return module
     base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Linear) and bool(getattr(module, "merged", False)) != bool(getattr(module, "disable_adapters", False)):
+    merged, disabled = bool(getattr(module, "merged", False)), bool(getattr(module, "disable_adapters", False))
+    if isinstance(base, nn.Linear) and merged != disabled:  # merged and on, or unmerged and off: the base alone
         return base
     return None
 

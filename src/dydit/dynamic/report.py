@@ -8,16 +8,21 @@ import numpy as np
 from dydit.dynamic.flops import FlopsSpec, realised_macs
 
 
+def _realised(spec: FlopsSpec, u) -> dict:
+    """realised_macs of one recorded fast forward, every routed unit at its own width."""
+    return realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)
+
+
 def usage_arrays(usage, spec: FlopsSpec):
     """(steps, blocks) arrays of head share, group share, token share, and per-step GMACs per sample."""
     heads = np.array([[h / b.num_heads for h, b in zip(u.heads, spec.blocks)] for u in usage])
     groups = np.array([[g / b.num_groups for g, b in zip(u.groups, spec.blocks)] for u in usage])
     tokens = np.array([[k / (u.batch * u.tokens_total) for k in u.tokens_kept] for u in usage])
     gmacs = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)["total"] / 1e9 for u in usage
+        _realised(spec, u)["total"] / 1e9 for u in usage
     ])
     ratio = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)["blocks"] / spec.block_total
+        _realised(spec, u)["blocks"] / spec.block_total
         for u in usage
     ])
     return heads, groups, tokens, gmacs, ratio
