@@ -423,3 +423,13 @@ def test_importance_reordering_keeps_the_flux_function():
     dynamize(model, DynamicConfig(optional_units=["mlp_context"]), reorder=True)
     assert not torch.equal(model.single_transformer_blocks[0].proj_out.weight, w0)  # slots really moved
     assert rel_err(run(model, kw), ref) < 1e-5
+
+
+def test_first_block_cache_refuses_flux_blocks_in_one_line():
+    from dydit.cache import FirstBlockCache, cached
+
+    model = dynamize(tiny_flux())
+    with pytest.raises(TypeError, match="FluxTransformerBlock is called otherwise and is not supported yet"):
+        with cached(model, FirstBlockCache(rdt=0.1)):
+            run(model, flux_inputs(1))
+    assert rel_err(run(model, flux_inputs(1)), run(tiny_flux(), flux_inputs(1))) < 1e-5  # the hooks are gone

@@ -181,6 +181,9 @@ class _CachedForward:
         self.cache, self.block, self.position, self.depth = cache, block, position, depth
 
     def __call__(self, *args, **kwargs):
+        if not args or not torch.is_tensor(args[0]):  # e.g. FLUX blocks: keyword arguments, two token streams
+            raise TypeError(f"First-Block-Cache caches blocks called as block(tokens, ...) that return tokens; "
+                            f"{type(self.block).__name__} is called otherwise and is not supported yet")
         if self.position == 0:
             return self.cache._first(self.block, self.depth, *args, **kwargs)
         return self.cache._rest(self.block, self.position == self.depth - 1, *args, **kwargs)
