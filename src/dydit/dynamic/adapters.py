@@ -142,7 +142,7 @@ class BlockAdapter:
         ``run`` (a :class:`dydit.dynamic.engine.BlockRun`) gives ``run.linear(path, x)`` (the Linear
         restricted to the active rows/columns on the fast path), ``run.num_heads(unit)``,
         ``run.mask_heads(unit, out)`` / ``run.mask_groups(unit, a)`` (the masked reference; identity on
-        the fast path), ``run.token_update(x, fn)`` (SDT) and ``run.gate_update(u)`` / ``run.skipped``
+        the fast path), ``run.token_update(unit, x, fn, route=())`` (SDT) and ``run.gate_update(u)`` / ``run.skipped``
         (block skip). The arguments are those of the block's own forward.
         """
         raise NotImplementedError

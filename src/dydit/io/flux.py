@@ -96,19 +96,24 @@ def read_flux_config(config) -> dict:
 
 
 def _layout(state: dict) -> dict:
-    """What the state dict holds: block counts, width, guidance embedding."""
+    """What the state dict's shapes say about the architecture (names as in the config)."""
     def count(prefix):
         ids = {int(m.group(1)) for k in state if (m := re.match(prefix + r"\.(\d+)\.", k))}
         return max(ids) + 1 if ids else 0
 
-    return {"double": count("transformer_blocks"), "single": count("single_transformer_blocks"),
-            "width": state["x_embedder.weight"].shape[0],
-            "guidance": any(k.startswith("time_text_embed.guidance_embedder.") for k in state)}
+    norm_q = next((v for k, v in state.items() if k.endswith("attn.norm_q.weight")), None)
+    pooled = state.get("time_text_embed.text_embedder.linear_1.weight")
+    return {"num_layers": count("transformer_blocks"), "num_single_layers": count("single_transformer_blocks"),
+            "inner_dim": state["x_embedder.weight"].shape[0], "in_channels": state["x_embedder.weight"].shape[1],
+            "attention_head_dim": norm_q.shape[0] if norm_q is not None else None,
+            "joint_attention_dim": state["context_embedder.weight"].shape[1],
+            "pooled_projection_dim": pooled.shape[1] if pooled is not None else None,
+            "guidance_embeds": any(k.startswith("time_text_embed.guidance_embedder.") for k in state)}
 
 
-def _describe(lay: dict) -> str:
-    return (f"{lay['double']} double / {lay['single']} single blocks of width {lay['width']}, "
-            f"{'with' if lay['guidance'] else 'no'} guidance embedding")
+def _differences(want: dict, have: dict) -> tuple[str, str]:
+    keys = [k for k in want if want[k] != have[k]]
+    return ", ".join(f"{k}={want[k]}" for k in keys), ", ".join(f"{k}={have[k]}" for k in keys)
 
 
 def dynamic_layout(state: dict, num_heads: int):
@@ -138,7 +143,8 @@ def _build(state: dict, cfg: dict, path):
     model = FluxTransformer2DModel.from_config(cfg)
     want, have = _layout(state), _layout(model.state_dict())
     if want != have:
-        raise ValueError(f"{path}: the checkpoint has {_describe(want)} but the config describes {_describe(have)}; "
+        ckpt, conf = _differences(want, have)
+        raise ValueError(f"{path}: the checkpoint has {ckpt} but the config describes {conf}; "
                          "pass the config of the model this checkpoint was fine-tuned from")
     layout = dynamic_layout(state, model.config.num_attention_heads)
     if layout is not None:
