@@ -200,6 +200,9 @@ class _CachedForward:
         self.cache, self.block, self.position, self.depth = cache, block, position, depth
 
     def __call__(self, *args, **kwargs):
+        if not args or not torch.is_tensor(args[0]):  # e.g. FLUX blocks: keyword arguments, two token streams
+            raise TypeError(f"First-Block-Cache caches blocks called as block(tokens, ...) that return tokens; "
+                            f"{type(self.block).__name__} is called otherwise and is not supported yet")
         if self.position == 0:
             return self.cache._first(self.block, self.depth, *args, **kwargs)
         return self.cache._rest(self.block, self.position, self.position == self.depth - 1, *args, **kwargs)
@@ -263,7 +266,8 @@ def cached_macs(spec: FlopsSpec, cache: FirstBlockCache, usage=None, cfg_batches
         sub = FlopsSpec(blocks=spec.blocks[:n], embed=spec.embed, final=spec.final)
         if usage is not None:
             u = usage[i]
-            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]])
+            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]],
+                                  u.units[:n] or None)
         else:
             m = realised_macs(sub, [b.num_heads for b in sub.blocks], [b.num_groups for b in sub.blocks],
                               [b.num_tokens for b in sub.blocks])

@@ -311,7 +311,7 @@ def plan(
         typer.echo(f"token selectivity: {out_dir / 'selectivity.md'}\ntoken-keep maps: {out_dir / 'token_maps.png'}")
 
 
-bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed.",
+bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed, B5 FLUX blocks.",
                         no_args_is_help=True)
 
 
@@ -353,6 +353,37 @@ def bench_engine_cmd(
     Path(out + ".md").write_text(md)
     Path(out + ".json").write_text(json.dumps(result_dicts(results), indent=2))
     typer.echo(md)
+
+
+@bench_app.command("flux")
+def bench_flux_cmd(
+    kinds: str = typer.Option("double,single", help="block kinds, comma-separated"),
+    blocks: int = typer.Option(2, help="blocks of each kind"),
+    heads: int = typer.Option(24, help="attention heads (FLUX.1: 24)"),
+    head_dim: int = typer.Option(128, help="head width (FLUX.1: 128)"),
+    image_tokens: int = typer.Option(4096, help="image tokens per sample (1024²: 4096)"),
+    text_tokens: int = typer.Option(512, help="text tokens per sample (T5: 512)"),
+    targets: str = typer.Option("0.5", help="FLOPs ratios of the shaped plans"),
+    keep: float = typer.Option(0.7, help="share of image tokens each token router keeps"),
+    batch: int = typer.Option(1, help="batch size"),
+    repeats: int = typer.Option(3, help="repeats (median)"),
+    dtype: str = typer.Option("bf16", help="fp32 or bf16"),
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+    out: str = typer.Option("docs/bench_flux", help="output prefix (.md and .json)"),
+):
+    """B5 engine: random-weight FLUX double and single blocks at FLUX.1 width, static vs dynamic, per block kind."""
+    from dydit.bench_flux import bench_flux_blocks, flux_result_dicts, flux_results_table
+
+    results = []
+    for kind in kinds.split(","):
+        for t in targets.split(","):
+            results.append(bench_flux_blocks(kind, blocks, heads, head_dim, image_tokens, text_tokens, float(t), keep,
+                                             batch, repeats=repeats, dtype=dtype, device=device))
+            typer.echo(flux_results_table(results[-1:]).splitlines()[-1])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text(flux_results_table(results))
+    Path(out + ".json").write_text(json.dumps(flux_result_dicts(results), indent=2))
+    typer.echo(flux_results_table(results))
 
 
 @bench_app.command("compare")

@@ -8,16 +8,21 @@ import numpy as np
 from dydit.dynamic.flops import FlopsSpec, realised_macs
 
 
+def _realised(spec: FlopsSpec, u) -> dict:
+    """realised_macs of one recorded fast forward, every routed unit at its own width."""
+    return realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)
+
+
 def usage_arrays(usage, spec: FlopsSpec):
     """(steps, blocks) arrays of head share, group share, token share, and per-step GMACs per sample."""
     heads = np.array([[h / b.num_heads for h, b in zip(u.heads, spec.blocks)] for u in usage])
     groups = np.array([[g / b.num_groups for g, b in zip(u.groups, spec.blocks)] for u in usage])
     tokens = np.array([[k / (u.batch * u.tokens_total) for k in u.tokens_kept] for u in usage])
     gmacs = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["total"] / 1e9 for u in usage
+        _realised(spec, u)["total"] / 1e9 for u in usage
     ])
     ratio = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["blocks"] / spec.block_total
+        _realised(spec, u)["blocks"] / spec.block_total
         for u in usage
     ])
     return heads, groups, tokens, gmacs, ratio
@@ -88,6 +93,11 @@ def usage_by_kind(usage, spec: FlopsSpec) -> dict:
     return out
 
 
+def _key(t) -> str:
+    """A plan key as text: the timestep, or (t, guidance, …) for routers that see more than t."""
+    return ", ".join(f"{v:g}" for v in t) if isinstance(t, tuple) else f"{t:g}"
+
+
 def plan_table(usage, spec: FlopsSpec) -> str:
     """Markdown table: one row per step with per-block heads/groups/token share and GMACs; a second table
     per block kind when the model has several (Latte's spatial and temporal blocks)."""
@@ -97,7 +107,7 @@ def plan_table(usage, spec: FlopsSpec) -> str:
              "|---|---|---|---|---|---|---|"]
     for i, u in enumerate(usage):
         lines.append(
-            f"| {i} | {u.t:g} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
+            f"| {i} | {_key(u.t)} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
             f"{' '.join(f'{v:.2f}' for v in tokens[i])} | {ratio[i]:.3f} | {gmacs[i]:.4f} |"
         )
     kinds = usage_by_kind(usage, spec)
