@@ -63,12 +63,13 @@ def train(
 @app.command()
 def models():
     """List the architectures of the registry (the names --model and --model-name take)."""
-    from dydit.models.dit import CONFIGS, build_config
+    from dydit.models.registry import all_model_names
 
-    typer.echo(f"{'name':<12} {'depth':>5} {'width':>5} {'heads':>5} {'tokens':>6}  objective")
-    for name in sorted(CONFIGS):
-        c = build_config(name)
-        typer.echo(f"{name:<12} {c.depth:>5} {c.hidden_size:>5} {c.num_heads:>5} {c.num_tokens:>6}  {c.objective}")
+    names = all_model_names()  # every backbone's registry (DiT/SiT, Latte, ...)
+    typer.echo(f"{'name':<14} {'depth':>5} {'width':>5} {'heads':>5} {'tokens':>6}  objective")
+    for name in sorted(names):
+        c = names[name]()
+        typer.echo(f"{name:<14} {c.depth:>5} {c.hidden_size:>5} {c.num_heads:>5} {c.num_tokens:>6}  {c.objective}")
 
 
 from dydit.cli_dynamic import register as _register_dynamic  # noqa: E402

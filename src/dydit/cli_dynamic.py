@@ -193,20 +193,22 @@ def _recipe_metadata(checkpoint) -> dict:
     return {"recipe": cfg["recipe"]} if "recipe" in cfg else {}
 
 
-def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1, progress=None):
-    """Median wall-clock seconds of one full sampling run, after a short warm-up run."""
+def _time_interleaved(runs: dict, repeats: int) -> dict:
+    """Median wall-clock seconds of each named run ``fn()``, timed in interleaved rounds after one warm-up
+    each (as B2 does: drifts in machine load hit every run alike; timing one model after the other
+    favours whichever runs first)."""
     import statistics
     import time
 
-    from dydit.sampling import sample
-
-    sample(model, labels[:2], "ddim", 2, cfg_scale=cfg_scale, seed=seed, dyn=dyn)  # warm-up
-    times, out = [], None
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn, progress=progress)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def demo(
@@ -229,11 +231,10 @@ def demo(
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
-    from dydit.viz import save_grid
-
-    from tqdm.auto import tqdm
-
+    from dydit.sampling import sample
     from dydit.errors import check_count, check_finite, check_writable_folder
+    from dydit.viz import save_grid
+    from tqdm.auto import tqdm
 
     for option, value in (("--steps", steps), ("--per-class", per_class), ("--repeats", repeats)):
         check_count(option, value, allow_none=False)
@@ -252,26 +253,28 @@ def demo(
                         f"{torch.get_num_threads()} CPU threads")
     for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
         table.add_column(col)
-    base_time = None
     summary = []
-    with tqdm(total=len(models) * repeats * steps, desc=f"sampling {len(models)} models x {repeats} timed runs",
-              unit="step", dynamic_ncols=True) as bar:
+    # every model: a warm-up run, `repeats` timed runs and the run whose grid is kept
+    with tqdm(total=len(models) * (repeats + 2) * steps, desc=f"sampling {len(models)} models, {repeats} timed "
+              "rounds", unit="step", dynamic_ncols=True) as bar:
+        loaded = {name: dydit.load(path) for name, path in models}
 
         def progress(step_iter):
-            for s in step_iter:
-                yield s
+            for step in step_iter:
+                yield step
                 bar.update(1)
 
-        for name, path in models:
-            model = dydit.load(path)
+        def run(model):  # one full sampling run on the model's inference engine
+            ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
+            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx, progress=progress), ctx
+
+        seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
+        base_time = seconds["static"] / len(labels)
+        for name, model in loaded.items():
             spec = flops_spec(model)
-            dynamic = getattr(model, "dynamic_config", None) is not None
-            dyn = DynamicContext("fast", record_usage=True) if dynamic else None
-            bar.set_postfix(model=name)
-            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats, progress)
-            s = summarize(dyn.usage[-steps:] if dynamic else None, spec, cfg_batches, forwards=steps)  # the last run
-            per_image = seconds / len(labels)
-            base_time = base_time or per_image
+            x, dyn = run(model)
+            s = summarize(dyn.usage if dyn is not None else None, spec, cfg_batches, forwards=steps)
+            per_image = seconds[name] / len(labels)
             grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
                              nrow=10, pad=model.config.pixel_pad)
             row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
@@ -294,14 +297,18 @@ def plan(
                                     "the DiT paper's 1.5)"),
     num_images: int = typer.Option(20, help="images sampled to measure token shares"),
     seed: int = typer.Option(0, help="seed"),
+    object_threshold: float = typer.Option(0.1, help="a patch of the final image is 'object' when its mean "
+                                                     "intensity in [0, 1] is above this (spatial selectivity)"),
 ):
-    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table + heat map)."""
+    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table, heat map,
+    plan.json); with token routers also their spatial selectivity and token-keep maps over the images."""
     import torch
 
     import dydit
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
-    from dydit.dynamic.report import plan_heatmap, plan_table, summarize
+    from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
+    from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
     from dydit.errors import check_count, check_finite
     from dydit.sampling import sample
 
@@ -311,13 +318,20 @@ def plan(
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
-    ctx = DynamicContext("fast", record_usage=True)
+    ctx = DynamicContext("fast", record_usage=True, record_tokens=True)
     labels = torch.arange(num_images) % model.config.num_classes
-    sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+    images = sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
     spec = flops_spec(model)
     s = summarize(ctx.usage, spec, 2 if cfg_scale != 1.0 else 1)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(plan_json(ctx.usage, spec, s), indent=1))
+    if ctx.token_masks and model.config.vae is None:  # token maps are drawn over pixel-space images
+        patch = model.config.patch_size
+        sel = token_selectivity(ctx.token_masks, images, patch, threshold=object_threshold)
+        (out_dir / "selectivity.json").write_text(json.dumps(sel, indent=1))
+        (out_dir / "selectivity.md").write_text(selectivity_table(sel))
+        token_keep_maps(ctx.token_masks, images, patch, out_dir / "token_maps.png")
     text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
             f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
             f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
@@ -325,10 +339,12 @@ def plan(
     (out_dir / "plan.md").write_text(text)
     png = plan_heatmap(ctx.usage, spec, out_dir / "plan.png")
     typer.echo(text[: text.index("| step")])
-    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}")
+    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}\nper step and block: {out_dir / 'plan.json'}")
+    if (out_dir / "selectivity.md").exists():
+        typer.echo(f"token selectivity: {out_dir / 'selectivity.md'}\ntoken-keep maps: {out_dir / 'token_maps.png'}")
 
 
-bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed.",
+bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed, B5 FLUX blocks.",
                         no_args_is_help=True)
 
 
@@ -377,6 +393,37 @@ def bench_engine_cmd(
     Path(out + ".md").write_text(md)
     Path(out + ".json").write_text(json.dumps(result_dicts(results), indent=2))
     typer.echo(md)
+
+
+@bench_app.command("flux")
+def bench_flux_cmd(
+    kinds: str = typer.Option("double,single", help="block kinds, comma-separated"),
+    blocks: int = typer.Option(2, help="blocks of each kind"),
+    heads: int = typer.Option(24, help="attention heads (FLUX.1: 24)"),
+    head_dim: int = typer.Option(128, help="head width (FLUX.1: 128)"),
+    image_tokens: int = typer.Option(4096, help="image tokens per sample (1024²: 4096)"),
+    text_tokens: int = typer.Option(512, help="text tokens per sample (T5: 512)"),
+    targets: str = typer.Option("0.5", help="FLOPs ratios of the shaped plans"),
+    keep: float = typer.Option(0.7, help="share of image tokens each token router keeps"),
+    batch: int = typer.Option(1, help="batch size"),
+    repeats: int = typer.Option(3, help="repeats (median)"),
+    dtype: str = typer.Option("bf16", help="fp32 or bf16"),
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+    out: str = typer.Option("docs/bench_flux", help="output prefix (.md and .json)"),
+):
+    """B5 engine: random-weight FLUX double and single blocks at FLUX.1 width, static vs dynamic, per block kind."""
+    from dydit.bench_flux import bench_flux_blocks, flux_result_dicts, flux_results_table
+
+    results = []
+    for kind in kinds.split(","):
+        for t in targets.split(","):
+            results.append(bench_flux_blocks(kind, blocks, heads, head_dim, image_tokens, text_tokens, float(t), keep,
+                                             batch, repeats=repeats, dtype=dtype, device=device))
+            typer.echo(flux_results_table(results[-1:]).splitlines()[-1])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text(flux_results_table(results))
+    Path(out + ".json").write_text(json.dumps(flux_result_dicts(results), indent=2))
+    typer.echo(flux_results_table(results))
 
 
 @bench_app.command("compare")

@@ -84,9 +84,9 @@ def sample_command(
         raise typer.BadParameter(f"--steps must be >= 1, got {steps}")
     if not math.isfinite(cfg_scale):
         raise typer.BadParameter(f"--cfg-scale must be a finite number, got {cfg_scale}")
-    if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+    if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif"):
         raise typer.BadParameter(f"--out {out}: the grid is written as an image; give a .png or .jpg path "
-                                 "('' to skip the grid)")
+                                 "(.gif for video models; '' to skip the grid)")
     from dydit.errors import check_count, check_device, check_output_file
 
     check_count("--threads", threads)
@@ -107,7 +107,11 @@ def sample_command(
         if bad:
             raise typer.BadParameter(f"class ids {bad} are outside [0, {cfg.num_classes})")
         per_class = num_per_class or (1 if classes else 4)
-        labels = torch.tensor(shown).repeat(per_class)  # row r holds the r-th image of every class
+        video = getattr(cfg, "num_frames", None) is not None
+        if video:  # one row per class: an animated GIF grid
+            labels = torch.tensor(shown).repeat_interleave(per_class)
+        else:
+            labels = torch.tensor(shown).repeat(per_class)  # row r holds the r-th image of every class
         method = sampler or default_sampler(model)
         num_steps = steps or (250 if method == "ddpm" else 25)
         vae = None
@@ -152,7 +156,11 @@ def sample_command(
                 x = sample(model, labels[i : i + batch_size], **kwargs)
             if vae is not None:
                 x = vae.decode(x)
-            images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
+            if video:  # (B, F, C, H, W) -> uint8 (B, F, H, W, C)
+                frames = to_uint8_images(x.flatten(0, 1), pad=cfg.pixel_pad)
+                images.append(frames.reshape(x.shape[0], x.shape[1], *frames.shape[1:]))
+            else:
+                images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
         bar.close()
     except (FileNotFoundError, ValueError) as e:
         from dydit.errors import one_line
@@ -160,8 +168,15 @@ def sample_command(
         typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(1)
 
-    images = np.concatenate(images)  # (N, H, W, 1 or 3) uint8
-    if out:
+    images = np.concatenate(images)  # (N, H, W, 1 or 3) uint8; videos (N, F, H, W, 1 or 3)
+    if out and video:
+        from dydit.viz import save_gif, video_grid_frames
+
+        out_path = save_gif(video_grid_frames(images, per_class, scale=3 if images.shape[2] < 64 else 1),
+                            Path(out).with_suffix(".gif"))
+        typer.echo(f"wrote an animated grid of {len(images)} videos ({images.shape[1]} frames, one row per class) "
+                   f"to {out_path}")
+    elif out:
         from PIL import Image
 
         grid = make_grid(images, _grid_columns(len(shown), len(images)), scale=3 if images.shape[1] < 64 else 1)

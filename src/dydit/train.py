@@ -162,11 +162,17 @@ class StaticTask:
 
         obj = model.config.objective
         self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
+        self.video = getattr(model.config, "num_frames", None) is not None  # x: (B, F, C, H, W)
 
     def loss(self, model, x, y, step, gen):
+        from dydit.sampling import channels_first
+
         t = self.process.sample_t(len(x), x.device, generator=gen)
+        fn = lambda xt, mt: model(xt, mt, y)  # noqa: E731
+        if self.video:  # the processes want channels on dim 1
+            fn, x = channels_first(fn), x.transpose(1, 2)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
-        terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y), x, t, noise)
+        terms = self.process.training_losses(fn, x, t, noise)
         return terms["loss"].mean(), {"loss": terms["loss"].mean().item(), "mse": terms["mse"].mean().item()}
 
     def progress_fields(self, logs):
@@ -275,6 +281,11 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
             if rank != 0:
                 dataset = LatentCache.load(cache_path, dataset=images, vae=vae)
             del vae
+        elif getattr(mc, "num_frames", None):  # a video model: Moving Fashion-MNIST (BENCHMARKS.md B4)
+            from dydit.data import MovingFashionMNIST
+
+            dataset = MovingFashionMNIST("train", cfg.data, num_frames=mc.num_frames, canvas=mc.input_size,
+                                         seed=cfg.seed, limit=cfg.limit_data)
         elif image_tree:
             # input_size counts the background padding, as for Fashion-MNIST
             dataset = ImageFolder(cfg.data, mc.input_size - 2 * mc.pixel_pad, pad=mc.pixel_pad,
@@ -406,6 +417,10 @@ def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 2
     method = default_sampler(model)
     dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
     x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
+    if x.ndim == 5:  # a video model: an animated GIF beside the PNG name
+        from dydit.viz import save_video_grid
+
+        return save_video_grid(x, Path(path).with_suffix(".gif"), nrow=min(n, 10), pad=model.config.pixel_pad)
     if model.config.vae:  # latents -> images
         from dydit.vae import load_vae
 

@@ -24,6 +24,9 @@ def save(model, folder, extra_config: dict | None = None) -> Path:
     the model); loading ignores them, and they cannot replace the keys that describe the model.
     """
     folder = Path(folder)
+    if not hasattr(model.config, "to_dict"):  # a diffusers model used as the backbone (FLUX)
+        raise TypeError(f"{type(model).__name__} is a diffusers model: save it with model.save_pretrained(folder) "
+                        "(router tensors included); dydit.load(folder) rebuilds it")
     clash = sorted(set(extra_config or {}) & set(_OWN_KEYS))
     if clash:
         raise ValueError(f"extra_config cannot set {clash}: config.json keeps them for the model itself")
