@@ -33,7 +33,8 @@ dydit finetune $A/fmnist_dit --out runs/e17-e10-seed1 --recipe fmnist-0.5 --ckpt
 dydit finetune $A/fmnist_dit --out runs/fmnist-dydit-0.5 --target 0.5 $FT --set feedback.images=16
 rm -rf $A/fmnist_dydit_0.7 && cp -r runs/fmnist-dydit-0.7/ema $A/fmnist_dydit_0.7
 rm -rf $A/fmnist_dydit_0.5 && cp -r runs/e17-e10-seed1/ema $A/fmnist_dydit_0.5
-for lam in 0.5 0.7; do dydit plan $A/fmnist_dydit_$lam --steps 20 --num-images 20 --out docs/results/plan_$lam; done
+# plan.json, and for models with token routers selectivity.{md,json} and token_maps.png (64 images)
+for lam in 0.5 0.7; do dydit plan $A/fmnist_dydit_$lam --steps 20 --num-images 64 --out docs/results/plan_$lam; done
 
 # 3. TD-LoRA and plain LoRA at λ = 0.5, the same 300 steps (issue 6), and two B3 baselines: static
 #    magnitude pruning + fine-tune, and the static model + the same extra fine-tune.

@@ -168,3 +168,21 @@ def test_cli_sample_reports_bad_input(tmp_path):
     assert result.exit_code != 0 and "outside" in result.output
     result = runner.invoke(app, ["sample", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "error" in result.output
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_the_sampler_in_fp32():
+    from helpers import scramble_routers
+
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")))).eval()
+    seen = []
+    hook = model.final_layer.linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ref = sample(model, [1, 2, 3], "ddim", 4, cfg_scale=4.0, seed=0)
+    half = sample(model, [1, 2, 3], "ddim", 4, cfg_scale=4.0, seed=0, dtype="bf16")
+    hook.remove()
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16  # the network really ran in bf16
+    assert half.dtype == torch.float32 and not torch.equal(half, ref)
+    assert ((half - ref).norm() / ref.norm()).item() < 0.05  # same samples up to bf16 rounding
+    masked = sample(model, [1, 2, 3], "ddim", 4, cfg_scale=4.0, seed=0, dtype="bf16", dyn="masked")
+    assert ((half - masked).norm() / masked.norm()).item() < 0.05  # the fast path routes as in fp32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        sample(model, [1], "ddim", 2, dtype="int8")

@@ -106,11 +106,14 @@ def test_mixing_depends_on_timestep():
 def test_plain_fast_context_folds_unmerged_adapters():
     """The generic fast path folds timestep-mixed adapters too: a plain call of a TD-LoRA DyDiT routes
     on the fast engine and equals the masked computation (nothing is silently dropped)."""
+    # float64: this random network amplifies fp32 rounding to ~1.5e-5 (the masked fp32 output's own
+    # distance from its float64 value), so only float64 can show the two are the same function
     model = randomize_adapters(apply_td_lora(scramble_routers(dyn_tiny())), scale=0.1, router_scale=0.2).eval()
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.tensor([1, 2])
+    model = model.double()
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([10.0, 10.0], dtype=torch.float64), torch.tensor([1, 2])
     masked = model(x, t, y, dyn=DynamicContext("masked"))
     for out in (model(x, t, y), model(x, t, y, dyn=DynamicContext("fast"))):
-        assert rel_err(out, masked) <= 1e-5
+        assert rel_err(out, masked) <= 1e-12
     base = model(x, t, y, dyn="complete")
     for layer in td_lora_layers(model).values():
         layer.set_adapter([])  # adapters off: the output must change, so they were really applied

@@ -39,10 +39,15 @@ class EngineResult:
     realised_ratio: float
     static_gmacs: float
     dynamic_gmacs: float
-    # CUDA: max allocated; CPU: the process's peak resident set over one warm-up pass, reset before
-    # each side (so it counts the model, the activations and the engine's sliced-weight cache)
+    # Peak memory of one pass of each side: the model's own tensors plus the most that the pass held
+    # allocated at once (activations, sliced or gathered weights, index tables, any cache). CUDA: max
+    # allocated; CPU: the profiler's allocation timeline (deterministic, unlike the resident set).
     static_peak_mb: float | None = None
     dynamic_peak_mb: float | None = None
+    # CPU only, as context: the process's peak resident set over the pass, freed heap returned to the
+    # system (malloc_trim) and the high-water mark reset before each side
+    static_peak_rss_mb: float | None = None
+    dynamic_peak_rss_mb: float | None = None
 
 
 def shaped_width(t_frac: float, layer: int, depth: int, level: float, H: int, phase: float = 0.0):
@@ -148,7 +153,7 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         ctx = DynamicContext("fast", plan=plan, record_usage=True)
         for t in timed:
             with torch.autocast(**amp):
-                model(x[:2], torch.full((2,), t, device=device), y[:2], dyn=ctx)
+                model(x[:2], torch.full((len(x[:2]),), t, device=device), y[:2], dyn=ctx)  # batch 1: one t
         return summarize(ctx.usage, spec)["flops_ratio"]
 
     # Token routers are calibrated inside the narrowed network (random weights make token logits depend
@@ -164,10 +169,10 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
             break
         goal = min(1.0, max(0.02, goal + (target - r)))
 
-    def run_static():
+    def run_static():  # the full network: a plain call of a dynamic model would route
         for t in timed:
             with torch.autocast(**amp):
-                model(x, torch.full((B,), t, device=device), y)
+                model(x, torch.full((B,), t, device=device), y, dyn="complete")
         _sync(device)
 
     ctx = DynamicContext("fast", plan=plan, record_usage=True)
@@ -179,14 +184,18 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
                 model(x, torch.full((B,), t, device=device), y, dyn=ctx)
         _sync(device)
 
-    peak = {}
+    peak, rss = {}, {}
     for name, fn in (("static", run_static), ("dynamic", run_dynamic)):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+            fn()
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
         else:
+            peak[name] = (tensor_bytes(model) + peak_allocated_bytes(fn)) / 2**20
+            _release_heap()
             _reset_peak_rss()
-        fn()
-        peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_rss_mb()
+            fn()
+            rss[name] = _peak_rss_mb()
     # interleave repeats so drifts in machine load hit both sides alike
     ts, td = [], []
     for _ in range(repeats):
@@ -205,7 +214,41 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal, realised_ratio=realised_run["flops_ratio"],
         static_gmacs=static_macs / 1e9, dynamic_gmacs=dynamic_macs / 1e9,
         static_peak_mb=peak.get("static"), dynamic_peak_mb=peak.get("dynamic"),
+        static_peak_rss_mb=rss.get("static"), dynamic_peak_rss_mb=rss.get("dynamic"),
     )
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (what stays allocated between passes)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes that ``fn()`` held allocated at once on the CPU beyond what existed before it,
+    read from the profiler's allocation timeline (every tensor allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _release_heap():
+    """Returns freed heap memory to the system (glibc), so each side's resident set starts level."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss():
@@ -234,7 +277,8 @@ def _sync(device: str):
 
 def results_table(results: list[EngineResult]) -> str:
     head = ("| model | λ | steps | batch | dtype | static s/step | dynamic s/step | speedup | ideal | efficiency "
-            "| realised ratio | peak MB static / dynamic |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| realised ratio | peak MB static / dynamic | peak RSS MB static / dynamic |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def mb(v):
         return f"{v:.0f}" if v is not None else "n/a"
@@ -242,7 +286,8 @@ def results_table(results: list[EngineResult]) -> str:
     rows = [
         f"| {r.model} | {r.target} | {r.schedule_steps} | {r.batch} | {r.dtype} | {r.static_s_per_step:.3f} | "
         f"{r.dynamic_s_per_step:.3f} | {r.speedup:.2f}× | {r.ideal_speedup:.2f}× | {r.efficiency:.2f} | "
-        f"{r.realised_ratio:.3f} | {mb(r.static_peak_mb)} / {mb(r.dynamic_peak_mb)} |"
+        f"{r.realised_ratio:.3f} | {mb(r.static_peak_mb)} / {mb(r.dynamic_peak_mb)} | "
+        f"{mb(r.static_peak_rss_mb)} / {mb(r.dynamic_peak_rss_mb)} |"
         for r in results
     ]
     return head + "\n".join(rows) + "\n"

@@ -9,6 +9,15 @@ residual from that step is reused::
 otherwise every block runs and the cache is refreshed. Comparing against the last *full* step (as
 ParaAttention does) rather than the previous step means slow drift still triggers a refresh.
 
+The cached residual is taken between the *input of block 1* and the output of the last block, and a
+skipped step adds it at block 1 (blocks 2..L-1 are then the identity). For a plain block list (DiT) that
+is exactly ``block0(tokens) + cached_rest_residual``. It is what makes the cache work on backbones whose
+forward does more between blocks than pass tokens on: Latte alternates spatial blocks on (B·F, N, D)
+with temporal blocks on (B·N, F, D), rearranging between them, and adds its temporal embedding after
+block 0 (diffusers' own First-Block-Cache, which adds the residual at block 0 in block 0's layout, fails
+there). Block 1 and the last block must see the same token layout (Latte: both temporal); rearranges
+between blocks are permutations and commute with adding a residual.
+
 The cache hooks the block list the model's adapter names (:mod:`dydit.dynamic.adapters`), so a
 backbone needs no cache argument. Dynamic models work unchanged: their blocks run their dynamic
 forward under the hook, and a skipped step skips their dynamic compute too. Any sampler uses it
@@ -87,7 +96,8 @@ class FirstBlockCache:
         self._step = None  # None: the next forward opens a run
         self._shape = None
         self._ref_residual = None  # (B, N, D) block 0 residual at the last full step
-        self._rest_residual = None  # (B, N, D) residual of blocks 1..L-1 at the last full step
+        self._rest_residual = None  # residual of blocks 1..L-1 at the last full step, in block 1's layout
+        self._rest_input = None  # block 1's input at the current full step
         self._consecutive = 0
         self._skipping = False
 
@@ -142,28 +152,37 @@ class FirstBlockCache:
         first = type(block).forward(block, tokens, *args, **kwargs)  # (B, N, D)
         residual = first - tokens
         distance = relative_l1(residual, self._ref_residual) if self._ref_residual is not None else None
-        self._skipping = self._may_skip(self._step) and distance < self.rdt
+        self._skipping = depth > 1 and self._may_skip(self._step) and distance < self.rdt
         self._depth, self._distance = depth, distance
         if self._skipping:
             self._consecutive += 1
             self._end_step()
-            return first + self._rest_residual
-        self._first_out, self._first_residual = first, residual
-        if depth == 1:
+            return first
+        self._first_residual = residual
+        if depth == 1:  # nothing to cache beyond block 0
+            self._rest_input = first
             return self._finish_full(first)
         return first
 
-    def _rest(self, block, last: bool, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Blocks 1..L-1: the identity while skipping (block 0 added their cached residual), else run."""
+    def _rest(self, block, position: int, last: bool, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Blocks 1..L-1: while skipping, block 1 adds the cached residual and the others are the identity;
+        otherwise they run (block 1 notes its input, the last block refreshes the cache)."""
         if self._skipping:
-            return tokens
+            return tokens + self._rest_residual if position == 1 else tokens
+        if position == 1:
+            self._rest_input = tokens
         out = type(block).forward(block, tokens, *args, **kwargs)
         return self._finish_full(out) if last else out
 
     def _finish_full(self, out):
+        if out.shape != self._rest_input.shape:
+            raise ValueError(
+                f"First-Block-Cache: block 1 sees tokens of shape {tuple(self._rest_input.shape)} but the last block "
+                f"returns {tuple(out.shape)}; the cached residual needs both in one layout (an odd number of "
+                "alternating spatial/temporal blocks?)")
         self._ref_residual = self._first_residual.detach()
-        self._rest_residual = (out - self._first_out).detach()
-        self._first_out = self._first_residual = None
+        self._rest_residual = (out - self._rest_input).detach()
+        self._rest_input = self._first_residual = None
         self._consecutive = 0
         self._end_step()
         return out
@@ -181,13 +200,17 @@ class _CachedForward:
         self.cache, self.block, self.position, self.depth = cache, block, position, depth
 
     def __call__(self, *args, **kwargs):
+        if not args or not torch.is_tensor(args[0]):  # e.g. FLUX blocks: keyword arguments, two token streams
+            raise TypeError(f"First-Block-Cache caches blocks called as block(tokens, ...) that return tokens; "
+                            f"{type(self.block).__name__} is called otherwise and is not supported yet")
         if self.position == 0:
             return self.cache._first(self.block, self.depth, *args, **kwargs)
-        return self.cache._rest(self.block, self.position == self.depth - 1, *args, **kwargs)
+        return self.cache._rest(self.block, self.position, self.position == self.depth - 1, *args, **kwargs)
 
 
 def cache_blocks(model) -> list:
-    """The main block list a cache applies to: the model adapter's blocks (or ``model.blocks``)."""
+    """The blocks a cache applies to, in execution order: the model adapter's blocks (Latte: spatial and
+    temporal interleaved), or ``model.blocks``."""
     from dydit.dynamic.adapters import model_adapter
 
     adapter = model_adapter(model, required=False)
@@ -243,7 +266,8 @@ def cached_macs(spec: FlopsSpec, cache: FirstBlockCache, usage=None, cfg_batches
         sub = FlopsSpec(blocks=spec.blocks[:n], embed=spec.embed, final=spec.final)
         if usage is not None:
             u = usage[i]
-            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]])
+            m = realised_macs(sub, u.heads[:n], u.groups[:n], [k / u.batch for k in u.tokens_kept[:n]],
+                                  u.units[:n] or None)
         else:
             m = realised_macs(sub, [b.num_heads for b in sub.blocks], [b.num_groups for b in sub.blocks],
                               [b.num_tokens for b in sub.blocks])

@@ -31,8 +31,12 @@ def finetune(
     seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
     peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
     data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt (refused if the recipe or data "
+                                "differ from the run's)"),
+    resume_with_changes: bool = typer.Option(False, help="with --resume: continue even though settings that "
+                                             "define the trajectory changed (deliberately)"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run, at a checkpoint "
+                                             "(SIGINT/SIGTERM also stop at one)"),
     ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
     sample_every: int = typer.Option(0, help="sample grid every N steps (0: off)"),
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
@@ -63,7 +67,8 @@ def finetune(
     try:
         result = run_finetune(init, out, resolved, data=data, resume=resume, stop_after=stop_after,
                               ckpt_every=ckpt_every, sample_every=sample_every, limit_data=limit_data,
-                              threads=threads, bf16=bf16, parallel=parallel)
+                              threads=threads, bf16=bf16, resume_with_changes=resume_with_changes,
+                              parallel=parallel)
     except ValueError as e:
         _fail(e)
     if result.calibration is not None:
@@ -138,7 +143,8 @@ def calibrate(
     sampler: Optional[str] = typer.Option(None, help="sampler you will run (its timesteps and trajectory "
                                           "matter; default ddim, or euler for flow models)"),
     steps: int = typer.Option(20, help="sampling steps"),
-    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale you will sample with (4.0, as the shipped models "
+                                    "were calibrated; sample and eval default to the DiT paper's 1.5)"),
     num_images: int = typer.Option(100, help="images sampled per measurement (class-balanced)"),
     tol: float = typer.Option(0.005, help="stop when |realised − λ| ≤ tol"),
     knob: Optional[str] = typer.Option(None, help="tokens or width (default: tokens when the model has them)"),
@@ -147,17 +153,26 @@ def calibrate(
     """Shift a DyDiT's router thresholds so that it realises λ on your sampler (run by finetune already)."""
     import dydit
     from dydit.dynamic.calibrate import calibrate as run_calibration
-    from dydit.sampling import default_sampler
+    from dydit.errors import UserError, check_count, check_finite
+    from dydit.sampling import SAMPLERS, default_sampler
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
+    check_finite("--target", target)
+    check_finite("--tol", tol)
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     model = dydit.load(checkpoint)
+    if sampler is not None and sampler not in SAMPLERS.get(model.config.objective, (sampler,)):
+        raise UserError(f"--sampler {sampler!r} cannot sample {checkpoint}, a {model.config.objective} model; "
+                        f"choose one of {', '.join(SAMPLERS[model.config.objective])}")
     factory = None
     if adapters:
         from dydit.peft.td_lora import load_adapters, read_adapter_config, save_adapters
         from dydit.peft import td_lora_fast_context as factory
 
         model = load_adapters(model, adapters)
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     try:
         result = run_calibration(model, target, sampler or default_sampler(model), steps, cfg_scale, num_images,
                                  tol=tol, seed=seed, knob=knob, context_factory=factory, log=typer.echo)
@@ -182,26 +197,30 @@ def _recipe_metadata(checkpoint) -> dict:
     return {"recipe": cfg["recipe"]} if "recipe" in cfg else {}
 
 
-def _time_sampling(model, labels, steps, cfg_scale, seed, dyn=None, repeats=1):
-    """Median wall-clock seconds of one full sampling run, after a short warm-up run."""
+def _time_interleaved(runs: dict, repeats: int) -> dict:
+    """Median wall-clock seconds of each named run ``fn()``, timed in interleaved rounds after one warm-up
+    each (as B2 does: drifts in machine load hit every run alike; timing one model after the other
+    favours whichever runs first)."""
     import statistics
     import time
 
-    from dydit.sampling import sample
-
-    sample(model, labels[:2], "ddim", 2, cfg_scale=cfg_scale, seed=seed, dyn=dyn)  # warm-up
-    times, out = [], None
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def demo(
     out: str = typer.Option("demo", help="folder for the grids and the summary"),
     steps: int = typer.Option(25, help="DDIM steps"),
-    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the scale the shipped "
+                                    "models are tuned and benchmarked at; sample and eval default to the DiT "
+                                    "paper's 1.5)"),
     per_class: int = typer.Option(8, help="samples per class in each grid"),
     seed: int = typer.Option(0, help="seed (same noise for every model)"),
     repeats: int = typer.Option(3, help="timed repeats (median)"),
@@ -216,11 +235,17 @@ def demo(
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
+    from dydit.sampling import sample
+    from dydit.errors import check_count, check_finite, check_writable_folder
     from dydit.viz import save_grid
+    from tqdm.auto import tqdm
 
+    for option, value in (("--steps", steps), ("--per-class", per_class), ("--repeats", repeats)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     console = Console()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir)
     models = [("static", default_model_path())]
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
@@ -232,18 +257,28 @@ def demo(
                         f"{torch.get_num_threads()} CPU threads")
     for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
         table.add_column(col)
-    base_time = None
     summary = []
-    with console.status("sampling..."):
-        for name, path in models:
-            model = dydit.load(path)
+    # every model: a warm-up run, `repeats` timed runs and the run whose grid is kept
+    with tqdm(total=len(models) * (repeats + 2) * steps, desc=f"sampling {len(models)} models, {repeats} timed "
+              "rounds", unit="step", dynamic_ncols=True) as bar:
+        loaded = {name: dydit.load(path) for name, path in models}
+
+        def progress(step_iter):
+            for step in step_iter:
+                yield step
+                bar.update(1)
+
+        def run(model):  # one full sampling run on the model's inference engine
+            ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
+            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx, progress=progress), ctx
+
+        seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
+        base_time = seconds["static"] / len(labels)
+        for name, model in loaded.items():
             spec = flops_spec(model)
-            dynamic = getattr(model, "dynamic_config", None) is not None
-            dyn = DynamicContext("fast", record_usage=True) if dynamic else None
-            x, seconds = _time_sampling(model, labels, steps, cfg_scale, seed, dyn, repeats)
-            s = summarize(dyn.usage[-steps:] if dynamic else None, spec, cfg_batches, forwards=steps)  # the last run
-            per_image = seconds / len(labels)
-            base_time = base_time or per_image
+            x, dyn = run(model)
+            s = summarize(dyn.usage if dyn is not None else None, spec, cfg_batches, forwards=steps)
+            per_image = seconds[name] / len(labels)
             grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
                              nrow=10, pad=model.config.pixel_pad)
             row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
@@ -262,29 +297,45 @@ def plan(
     out: str = typer.Option("plan", help="folder for plan.md and plan.png"),
     sampler: str = typer.Option("ddim", help="sampler whose timesteps define the plan"),
     steps: int = typer.Option(25, help="sampling steps"),
-    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale (4.0, as demo and bench; sample and eval default to "
+                                    "the DiT paper's 1.5)"),
     num_images: int = typer.Option(20, help="images sampled to measure token shares"),
     seed: int = typer.Option(0, help="seed"),
+    object_threshold: float = typer.Option(0.1, help="a patch of the final image is 'object' when its mean "
+                                                     "intensity in [0, 1] is above this (spatial selectivity)"),
 ):
-    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table + heat map)."""
+    """Report a DyDiT's inference plan: per-step active heads, groups, token share, GMACs (table, heat map,
+    plan.json); with token routers also their spatial selectivity and token-keep maps over the images."""
     import torch
 
     import dydit
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
-    from dydit.dynamic.report import plan_heatmap, plan_table, summarize
+    from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
+    from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
+    from dydit.errors import check_count, check_finite
     from dydit.sampling import sample
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
-    ctx = DynamicContext("fast", record_usage=True)
+    ctx = DynamicContext("fast", record_usage=True, record_tokens=True)
     labels = torch.arange(num_images) % model.config.num_classes
-    sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+    images = sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
     spec = flops_spec(model)
     s = summarize(ctx.usage, spec, 2 if cfg_scale != 1.0 else 1)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(plan_json(ctx.usage, spec, s), indent=1))
+    if ctx.token_masks and model.config.vae is None:  # token maps are drawn over pixel-space images
+        patch = model.config.patch_size
+        sel = token_selectivity(ctx.token_masks, images, patch, threshold=object_threshold)
+        (out_dir / "selectivity.json").write_text(json.dumps(sel, indent=1))
+        (out_dir / "selectivity.md").write_text(selectivity_table(sel))
+        token_keep_maps(ctx.token_masks, images, patch, out_dir / "token_maps.png")
     text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
             f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
             f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
@@ -292,10 +343,12 @@ def plan(
     (out_dir / "plan.md").write_text(text)
     png = plan_heatmap(ctx.usage, spec, out_dir / "plan.png")
     typer.echo(text[: text.index("| step")])
-    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}")
+    typer.echo(f"table: {out_dir / 'plan.md'}\nheat map: {png}\nper step and block: {out_dir / 'plan.json'}")
+    if (out_dir / "selectivity.md").exists():
+        typer.echo(f"token selectivity: {out_dir / 'selectivity.md'}\ntoken-keep maps: {out_dir / 'token_maps.png'}")
 
 
-bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed.",
+bench_app = typer.Typer(help="Benchmarks: B2 engine speed at paper scale, B3 quality against speed, B5 FLUX blocks.",
                         no_args_is_help=True)
 
 
@@ -318,6 +371,13 @@ def bench_engine_cmd(
     from tqdm.auto import tqdm
 
     from dydit.bench import bench_engine, result_dicts, results_table
+    from dydit.errors import UserError, check_count, check_device
+
+    check_count("--timed-steps", timed_steps, allow_none=False)
+    check_count("--repeats", repeats, allow_none=False)
+    check_device(device)
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got {dtype!r}")
 
     combos = [(m, float(t), int(s), int(b)) for m in models.split(",") for t in targets.split(",")
               for s in schedules.split(",") for b in batches.split(",")]
@@ -339,12 +399,44 @@ def bench_engine_cmd(
     typer.echo(md)
 
 
+@bench_app.command("flux")
+def bench_flux_cmd(
+    kinds: str = typer.Option("double,single", help="block kinds, comma-separated"),
+    blocks: int = typer.Option(2, help="blocks of each kind"),
+    heads: int = typer.Option(24, help="attention heads (FLUX.1: 24)"),
+    head_dim: int = typer.Option(128, help="head width (FLUX.1: 128)"),
+    image_tokens: int = typer.Option(4096, help="image tokens per sample (1024²: 4096)"),
+    text_tokens: int = typer.Option(512, help="text tokens per sample (T5: 512)"),
+    targets: str = typer.Option("0.5", help="FLOPs ratios of the shaped plans"),
+    keep: float = typer.Option(0.7, help="share of image tokens each token router keeps"),
+    batch: int = typer.Option(1, help="batch size"),
+    repeats: int = typer.Option(3, help="repeats (median)"),
+    dtype: str = typer.Option("bf16", help="fp32 or bf16"),
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+    out: str = typer.Option("docs/bench_flux", help="output prefix (.md and .json)"),
+):
+    """B5 engine: random-weight FLUX double and single blocks at FLUX.1 width, static vs dynamic, per block kind."""
+    from dydit.bench_flux import bench_flux_blocks, flux_result_dicts, flux_results_table
+
+    results = []
+    for kind in kinds.split(","):
+        for t in targets.split(","):
+            results.append(bench_flux_blocks(kind, blocks, heads, head_dim, image_tokens, text_tokens, float(t), keep,
+                                             batch, repeats=repeats, dtype=dtype, device=device))
+            typer.echo(flux_results_table(results[-1:]).splitlines()[-1])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text(flux_results_table(results))
+    Path(out + ".json").write_text(json.dumps(flux_result_dicts(results), indent=2))
+    typer.echo(flux_results_table(results))
+
+
 @bench_app.command("compare")
 def bench_compare_cmd(
     num_samples: int = typer.Option(5000, help="samples per row (class-balanced)"),
     sampler: str = typer.Option("ddim", help="sampler of every row"),
     steps: int = typer.Option(25, help="sampling steps (rows may override)"),
-    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the shipped results' setting; "
+                                    "sample and eval default to the DiT paper's 1.5)"),
     seed: int = typer.Option(0, help="seed of the noise (same for every row)"),
     batch_size: int = typer.Option(500, help="sampling batch size"),
     fbcache: float = typer.Option(0.1, help="First-Block-Cache threshold of the caching rows"),
@@ -364,6 +456,12 @@ def bench_compare_cmd(
 
     from dydit.bench_compare import default_rows, parse_row, run_compare
 
+    from dydit.errors import check_count, check_finite
+
+    for option, value in (("--num-samples", num_samples), ("--steps", steps), ("--batch-size", batch_size),
+                          ("--threads", threads)):
+        check_count(option, value)
+    check_finite("--cfg-scale", cfg_scale)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)

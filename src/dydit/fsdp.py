@@ -162,11 +162,8 @@ def find_checkpoint(out) -> Path | None:
     return None
 
 
-def load_checkpoint(path, model, ema, opt) -> dict:
-    """Collective: loads model, optimizer (resharded to this world size) and EMA; returns ``meta.json``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
+def read_meta(path) -> dict:
+    """``meta.json`` of a sharded checkpoint: step, world size, task state, the run's settings and model."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -174,6 +171,16 @@ def load_checkpoint(path, model, ema, opt) -> dict:
         raise ValueError(f"{path}: cannot read the sharded checkpoint's meta.json ({e})") from e
     if meta.get("format") != FSDP_FORMAT:
         raise ValueError(f"{path}: not a dydit FSDP checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def load_checkpoint(path, model, ema, opt) -> dict:
+    """Collective: loads model, optimizer (resharded to this world size) and EMA; returns ``meta.json``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    meta = read_meta(path)
     state = _state(model, ema, opt)
     try:
         dcp.load(state, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner())

@@ -14,6 +14,7 @@ import torch
 
 from dydit.diffusion.flow import FLOW_SAMPLERS, FlowMatching
 from dydit.diffusion.gaussian import GaussianDiffusion, ddim_or_even_spacing
+from dydit.models.inputs import trusted_values
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": FLOW_SAMPLERS}
@@ -47,18 +48,55 @@ def make_process(model, method: str, num_steps: int):
                              clip_denoised=model.config.clip_denoised)
 
 
-def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None, dyn=None):
+def video_frames(model) -> int | None:
+    """Frames per sample of a video model (Latte: inputs (B, F, C, H, W)); None for image models."""
+    return getattr(model.config, "num_frames", None)
+
+
+def channels_first(fn):
+    """A video model's f(x, t) on (B, F, C, H, W) as the diffusion processes call it: channels on dim 1.
+
+    The processes split ε from the variance channels and broadcast per-sample coefficients along dim 1
+    and over every other dimension, so a video is just a (B, C, F, H, W) tensor to them.
+    """
+    return lambda x, t: fn(x.transpose(1, 2), t).transpose(1, 2)
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(fn, model, dtype: str):
+    """f(x, t) whose network call runs under autocast to ``dtype`` (the sampler's arithmetic stays fp32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if DTYPES[dtype] is None:
+        return fn
+    device_type = next(model.parameters()).device.type
+
+    def cast(x, t):
+        with torch.autocast(device_type, dtype=DTYPES[dtype]):
+            out = fn(x, t)
+        return out.float()
+
+    return cast
+
+
+def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None, dyn=None,
+                    dtype: str = "fp32"):
     """Returns f(x, t) for the sampler; with guidance, both halves run in one batch of 2B.
 
     ``guided_channels``: DiT guides only the first 3 predicted channels (its released convention),
-    None guides every channel; flow models always guide the full velocity, as SiT does.
+    None guides every channel; flow models always guide the full velocity, as SiT does. ``dtype``
+    'bf16'/'fp16' runs the network under autocast.
     """
     num_classes = model.config.num_classes
     kw = {"dyn": dyn} if dyn is not None else {}  # a dynamic model without one uses its own default
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, labels, **kw)
-    if model.y_embedder.dropout_prob <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
+        return _autocast(lambda x, t: model(x, t, labels, **kw), model, dtype)
+    embedder = getattr(model, "y_embedder", None)  # unconditional models (Latte extras=1) have none
+    if embedder is None or embedder.dropout_prob <= 0:
+        raise ValueError("classifier-free guidance needs a class-conditional model trained with class dropout "
+                         "(a null class); sample with cfg_scale=1")
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
     gc = None if model.config.objective == "flow" else guided_channels
 
@@ -68,17 +106,20 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
         out = model.forward_with_cfg(xx, tt, y, cfg_scale, guided_channels=gc, **kw)
         return out[: len(x)]
 
-    return fn
+    return _autocast(fn, model, dtype)
 
 
 @torch.no_grad()
 def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.0,
-           guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None):
-    """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models).
+           guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None,
+           dtype: str = "fp32"):
+    """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models),
+    or (B, F, C, H, W) videos for a video model (``noise`` in the same layout).
 
     ``progress`` wraps the step loop (e.g. tqdm). A dynamic model samples on the fast engine unless
     ``dyn`` says otherwise (a :class:`dydit.dynamic.DynamicContext` or a mode name: ``"masked"``,
     ``"complete"``); its plan covers every timestep the sampler will query before the first step.
+    ``dtype`` 'bf16' (or 'fp16') runs each network call under autocast; the sampler stays in fp32.
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -88,10 +129,14 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
     if len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
         raise ValueError(f"class ids must be in [0, {cfg.num_classes}); got {labels.tolist()}")
     gen = torch.Generator().manual_seed(seed)
+    frames = video_frames(model)
     if noise is None:
-        noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        noise = torch.randn(len(labels), *((frames,) if frames else ()), *shape, generator=gen).to(device)
     process = make_process(model, method, num_steps)
-    fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn)
+    fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn, dtype)
+    if frames:
+        fn, noise = channels_first(fn), noise.transpose(1, 2)
     was_training = model.training
     model.eval()  # training mode would drop labels and draw gumbel noise in the routers
     try:
@@ -102,6 +147,8 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
             ctx = default_context(model)
         if hasattr(ctx, "prepare"):  # a context (a mode name plans lazily, step by step)
             ctx.prepare(model, process)
-        return process.sample(fn, noise, progress=progress, generator=gen)
+        with trusted_values():  # labels checked above, timesteps made by the process: no per-step sync
+            out = process.sample(fn, noise, progress=progress, generator=gen)
+        return out.transpose(1, 2) if frames else out
     finally:
         model.train(was_training)

@@ -47,10 +47,11 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500  # write an EMA sample grid every N steps (0 disables)
     log_every: int = 25
-    resume: bool = False  # continue from OUT/checkpoint.pt if it exists
+    resume: bool = False  # continue from OUT/checkpoint.pt (an error if there is none)
+    resume_with_changes: bool = False  # resume even though trajectory settings differ from the checkpoint's
     init: str | None = None  # start from this checkpoint's weights (EMA) instead of random
     limit_data: int | None = None  # use only the first N training images (tests)
-    stop_after: int | None = None  # stop (as if killed) after this many steps in this run (tests)
+    stop_after: int | None = None  # stop after this many steps in this run, at a checkpoint
     threads: int | None = None  # torch CPU threads
     parallel: str = "ddp"  # "ddp" (replicas), or "fsdp": FSDP2 shards weights, gradients, optimizer (dydit.fsdp)
     extra: dict = field(default_factory=dict)
@@ -138,6 +139,18 @@ def load_training_checkpoint(path):
         raise ValueError(f"{path}: cannot read training checkpoint ({e}); it is truncated or not a dydit checkpoint") from e
 
 
+def _save_checkpoint_or_explain(path, model, ema, opt, step, cfg, task, last_saved):
+    """save_training_checkpoint; a failed write says which checkpoint is still intact."""
+    from dydit.errors import WriteError
+    from dydit.io.runs import what_survives
+
+    extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
+    try:
+        save_training_checkpoint(path, model, ema, opt, step, cfg, extra=extra)
+    except WriteError as e:
+        raise WriteError(f"{e} at step {step}; {what_survives(path, last_saved)}") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # tasks: what a step computes
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +165,17 @@ class StaticTask:
 
         obj = model.config.objective
         self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
+        self.video = getattr(model.config, "num_frames", None) is not None  # x: (B, F, C, H, W)
 
     def loss(self, model, x, y, step, gen):
+        from dydit.sampling import channels_first
+
         t = self.process.sample_t(len(x), x.device, generator=gen)
+        fn = lambda xt, mt: model(xt, mt, y)  # noqa: E731
+        if self.video:  # the processes want channels on dim 1
+            fn, x = channels_first(fn), x.transpose(1, 2)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
-        terms = self.process.training_losses(lambda xt, mt: model(xt, mt, y), x, t, noise)
+        terms = self.process.training_losses(fn, x, t, noise)
         return terms["loss"].mean(), {"loss": terms["loss"].mean().item(), "mse": terms["mse"].mean().item()}
 
     def progress_fields(self, logs):
@@ -191,18 +210,31 @@ def build_or_load_model(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool = True):
-    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run."""
+    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run.
+
+    It stops only at a checkpoint: at its last step, after ``stop_after`` steps, or on SIGINT/SIGTERM (then
+    it raises :class:`dydit.errors.Interrupted` once the checkpoint is written).
+    """
+    from dydit.io.runs import StopSignals, check_train_config
+
+    check_train_config(cfg)
+    with StopSignals() as stop:
+        return _train(cfg, model, task, dataset, progress, stop)
+
+
+def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
+    from dydit.io.runs import check_data_fits, check_resume, cut_log, prepare_run_folder
+
     rank, world = maybe_init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
+    sharded = cfg.parallel == "fsdp"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out, cfg.resume, checkpoint="checkpoint.dcp" if sharded else "checkpoint.pt")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
-    if cfg.parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
 
@@ -215,7 +247,6 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     ema = deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    sharded = cfg.parallel == "fsdp"
     if sharded:  # before the optimizer: fully_shard replaces the parameters
         from dydit import fsdp
 
@@ -226,11 +257,12 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         opt = task.configure_optimizer(model, cfg)
 
     start_step = 0
-    ckpt_path = out / "checkpoint.pt"
-    if sharded and cfg.resume:
-        start_step = _resume_sharded(out, model, ema, opt, task)
-    if cfg.resume and ckpt_path.exists() and not sharded:
+    ckpt_path = fsdp.checkpoint_path(out) if sharded else out / "checkpoint.pt"
+    if cfg.resume and sharded:
+        start_step = _resume_sharded(out, model, ema, opt, task, cfg)
+    elif cfg.resume:
         ckpt = load_training_checkpoint(ckpt_path)
+        check_resume(ckpt, cfg, model, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -259,12 +291,18 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
             if rank != 0:
                 dataset = LatentCache.load(cache_path, dataset=images, vae=vae)
             del vae
+        elif getattr(mc, "num_frames", None):  # a video model: Moving Fashion-MNIST (BENCHMARKS.md B4)
+            from dydit.data import MovingFashionMNIST
+
+            dataset = MovingFashionMNIST("train", cfg.data, num_frames=mc.num_frames, canvas=mc.input_size,
+                                         seed=cfg.seed, limit=cfg.limit_data)
         elif image_tree:
             # input_size counts the background padding, as for Fashion-MNIST
             dataset = ImageFolder(cfg.data, mc.input_size - 2 * mc.pixel_pad, pad=mc.pixel_pad,
                                   channels=mc.in_channels, seed=cfg.seed, limit=cfg.limit_data)
         else:
             dataset = FashionMNIST("train", cfg.data, pad=mc.pixel_pad, limit=cfg.limit_data)
+    check_data_fits(dataset, model)
     # FashionMNIST has no augmentation and its batch takes no step
     batch_takes_step = "step" in inspect.signature(dataset.batch).parameters
     ddp_model = model
@@ -279,11 +317,14 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    if rank == 0:
+        cut_log(out / "log.jsonl", start_step)  # lines past the checkpoint would repeat
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    last_saved = start_step if cfg.resume else None
     t_last, imgs_since = time.time(), 0
     step = start_step
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    while step < end:
+    while step < end and not stop.requested(world):
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, rank, world)
         x, y = dataset.batch(idx, step=step) if batch_takes_step else dataset.batch(idx)
         x, y = x.to(device), y.to(device)
@@ -311,21 +352,27 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         logs.update(step=step, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], skipped=bool(skipped))
         if sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # every rank writes its shards
             fsdp.save_checkpoint(out, model, ema, opt, step, _sharded_meta(model, cfg, task))
+            last_saved = step
         if rank == 0:
             if step % cfg.log_every == 0 or step == end:
                 now = time.time()
                 logs["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
                 t_last, imgs_since = now, 0
-                log_file.write(json.dumps(logs) + "\n")
-                log_file.flush()
+                _append_log(log_file, logs, ckpt_path, last_saved)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
             if not sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
-                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg, extra=extra)
+                _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+                last_saved = step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
+    if sharded and step != last_saved and step > start_step:  # stop_after or a signal: every rank writes its shards
+        fsdp.save_checkpoint(out, model, ema, opt, step, _sharded_meta(model, cfg, task))
+        last_saved = step
+    if rank == 0 and step != last_saved and step > start_step:  # stop_after or a signal: stop at a checkpoint
+        _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+        last_saved = step
     if rank == 0:
         summary = memory_summary(model, params, opt, device)
         summary.update(step=step, steps=cfg.steps)
@@ -341,7 +388,20 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         bar.close()
     if log_file:
         log_file.close()
+    if stop.signum is not None:
+        raise stop.interrupted(step, cfg.steps, ckpt_path)
     return ema
+
+
+def _append_log(log_file, logs: dict, ckpt_path, last_saved):
+    try:
+        log_file.write(json.dumps(logs) + "\n")
+        log_file.flush()
+    except OSError as e:  # a full disk: say so, and what survives
+        from dydit.errors import write_error
+        from dydit.io.runs import what_survives
+
+        raise write_error(e, log_file.name, kept=what_survives(ckpt_path, last_saved)) from e
 
 
 def _sharded_meta(model, cfg: TrainConfig, task) -> dict:
@@ -354,15 +414,17 @@ def _sharded_meta(model, cfg: TrainConfig, task) -> dict:
             "task": task.state_dict() if hasattr(task, "state_dict") else None}
 
 
-def _resume_sharded(out: Path, model, ema, opt, task) -> int:
+def _resume_sharded(out: Path, model, ema, opt, task, cfg: TrainConfig) -> int:
     from dydit import fsdp
+    from dydit.errors import UserError
+    from dydit.io.runs import check_resume
 
     path = fsdp.find_checkpoint(out)
     if path is None:
-        if (out / "checkpoint.pt").exists():
-            raise ValueError(f"{out} holds a DDP checkpoint (checkpoint.pt); resume it without --parallel fsdp")
-        return 0
-    meta = fsdp.load_checkpoint(path, model, ema, opt)
+        raise UserError(f"--resume: {out} holds no complete {fsdp.CHECKPOINT}; check --out, or drop --resume")
+    meta = fsdp.read_meta(path)
+    check_resume(meta, cfg, model, path)  # the same settings and architecture as the run it continues
+    fsdp.load_checkpoint(path, model, ema, opt)
     if hasattr(task, "load_state_dict") and meta.get("task") is not None:
         task.load_state_dict(meta["task"])
     log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
@@ -404,6 +466,10 @@ def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 2
     method = default_sampler(model)
     dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
     x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
+    if x.ndim == 5:  # a video model: an animated GIF beside the PNG name
+        from dydit.viz import save_video_grid
+
+        return save_video_grid(x, Path(path).with_suffix(".gif"), nrow=min(n, 10), pad=model.config.pixel_pad)
     if model.config.vae:  # latents -> images
         from dydit.vae import load_vae
 

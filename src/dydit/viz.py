@@ -37,3 +37,25 @@ def save_grid(x: torch.Tensor, path, nrow: int = 10, pad: int = 0, scale: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def video_grid_frames(videos: np.ndarray, nrow: int, scale: int = 1) -> list[np.ndarray]:
+    """uint8 videos (B, F, H, W, C) -> F mosaics (one per frame index), each as :func:`make_grid` lays them out."""
+    return [make_grid(videos[:, f], nrow, scale=scale) for f in range(videos.shape[1])]
+
+
+def save_gif(frames: list[np.ndarray], path, fps: float = 4.0) -> Path:
+    """Writes uint8 (H, W, C) frames as a looping animated GIF."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def save_video_grid(x: torch.Tensor, path, nrow: int = 10, pad: int = 0, scale: int = 3, fps: float = 4.0) -> Path:
+    """Model-space videos (B, F, C, H, W) in [-1, 1] -> one animated GIF grid, ``nrow`` videos per row."""
+    B, F = x.shape[:2]
+    videos = to_uint8_images(x.flatten(0, 1), pad)  # (B·F, H, W, C)
+    videos = videos.reshape(B, F, *videos.shape[1:])
+    return save_gif(video_grid_frames(videos, nrow, scale=scale), path, fps)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from dydit.dynamic.routers import TokenRouter
+
 # Router attribute names on a block: those of the authors' DyDiT checkpoints (``attn_rate``,
 # ``mlp_rate``, ``token_selection``) and the block-skip ablation's gate.
 GATE = "block_gate"
@@ -43,6 +45,10 @@ class Span:
     axis: str  # "out": weight rows (and bias entries); "in": weight columns
     offset: int = 0  # index of the unit's first slot along that axis
     tokens: int = 0  # tokens per sample that pass through this linear (for the FLOPs counter)
+    # Of those, the tokens of the token router's stream: they pass only when kept (SDT). None: all of
+    # them in a token-routed unit, none otherwise. FLUX single blocks: the image tokens of a fused
+    # projection that text tokens also pass through.
+    routed: int | None = None
 
     def __post_init__(self):
         if self.axis not in ("out", "in"):
@@ -60,6 +66,7 @@ class HeadUnit:
     spans: tuple[Span, ...]
     seq_len: int = 0  # attention length: the quadratic term is 2·seq_len²·width per instance
     instances: int = 1  # attention instances per sample (Latte spatial: frames; temporal: positions)
+    optional: bool = False  # routed only when DynamicConfig.optional_units names it
 
     @property
     def num_slots(self) -> int:
@@ -80,6 +87,7 @@ class GroupUnit:
     group_size: int
     spans: tuple[Span, ...]
     token_router: str | None = None  # the token router whose kept tokens alone run this unit (SDT)
+    optional: bool = False  # routed only when DynamicConfig.optional_units names it (FLUX's ff_context)
 
     @property
     def num_slots(self) -> int:
@@ -114,6 +122,13 @@ class BlockSpec:
         raise KeyError(f"block has no routed unit {name!r}; units: {[u.name for u in self.units]}")
 
 
+def span_routed(unit, span: Span) -> int:
+    """Tokens per sample through ``span`` that only run when the token router keeps them."""
+    if span.routed is not None:
+        return span.routed
+    return span.tokens if getattr(unit, "token_router", None) is not None else 0
+
+
 class BlockAdapter:
     """How one block class is routed. Subclass, implement both methods, register for the class."""
 
@@ -127,10 +142,16 @@ class BlockAdapter:
         ``run`` (a :class:`dydit.dynamic.engine.BlockRun`) gives ``run.linear(path, x)`` (the Linear
         restricted to the active rows/columns on the fast path), ``run.num_heads(unit)``,
         ``run.mask_heads(unit, out)`` / ``run.mask_groups(unit, a)`` (the masked reference; identity on
-        the fast path), ``run.token_update(x, fn)`` (SDT) and ``run.gate_update(u)`` / ``run.skipped``
+        the fast path), ``run.token_update(unit, x, fn, route=())`` (SDT) and ``run.gate_update(u)`` / ``run.skipped``
         (block skip). The arguments are those of the block's own forward.
         """
         raise NotImplementedError
+
+    def make_token_router(self, block: nn.Module, spec: BlockSpec, config) -> nn.Module:
+        """The token router ``dynamize`` attaches (default: the DyDiT per-token MLP on the token itself).
+        Its ``forward(x, *route, tau, training, noise)`` and ``keep(x, *route)`` see the tokens and the
+        extra inputs the adapter's forward passes as ``run.token_update(..., route=...)``."""
+        return TokenRouter(spec.token_dim, config.token_hidden_ratio, config.token_bias_init)
 
 
 class ModelAdapter:
@@ -141,12 +162,21 @@ class ModelAdapter:
         raise NotImplementedError
 
     def router_input(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t (B,), E_t (B, D)) of one call ``model(*args, **kwargs)``: what the width routers see."""
+        """(key, E_t (B, D)) of one call ``model(*args, **kwargs)``: what the width routers see.
+
+        ``key`` is (B,) timesteps, or (B, K) when the routers' input depends on more scalars than t (FLUX's
+        guidance scale: (t, guidance)); the width plan is keyed by it."""
         raise NotImplementedError
 
     def timestep_embedding(self, model: nn.Module, t: torch.Tensor) -> torch.Tensor:
-        """E_t (T, D) for timesteps (T,): the plan evaluates the width routers on it before sampling."""
+        """E_t (T, D) for plan keys (T,) or (T, K): the plan evaluates the width routers on it."""
         raise NotImplementedError
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict):
+        """Token counts of one call, for backbones whose sequence length varies per call (FLUX: image and
+        text tokens); None when the config fixes them. The model keeps the last call's geometry, and the
+        block specs (hence the FLOPs counter) describe it."""
+        return None
 
     def router_input_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules the routers' input depends on (a plan is recomputed when their weights change)."""

@@ -1,7 +1,7 @@
 """DynamicConfig: how a backbone's blocks are made dynamic (saved with the model)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -16,6 +16,9 @@ class DynamicConfig:
     token_bias_init: float = 35.0
     token_hidden_ratio: int = 16  # token router hidden width = D // ratio
     tau: float = 5.0  # gumbel-sigmoid temperature in training
+    # Units an adapter marks optional that get width routers too (FLUX double blocks: "mlp_context",
+    # the text tokens' ff_context); the others run at full width.
+    optional_units: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

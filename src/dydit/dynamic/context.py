@@ -16,7 +16,7 @@ routers or timestep embedder change (their tensors' version counters move).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from dydit.dynamic.adapters import BlockSpec, block_adapter, linear_index, model
 from dydit.dynamic.plan import DEFAULT_CACHE_BYTES, SlicedWeights, WidthPlan, as_range
 
 MODES = ("auto", "train", "masked", "fast", "complete")
+GEOMETRY = "_dydit_geometry"  # model attribute: the token geometry of its last call (ModelAdapter.geometry)
 
 
 @dataclass
@@ -47,12 +48,14 @@ class BlockUsage:
 class StepUsage:
     """What one fast forward actually ran (for plan reports): counts per block."""
 
-    t: float
+    t: float | tuple  # the plan key: the timestep, or (t, guidance, …)
     batch: int
-    heads: list[int]
-    groups: list[int]
+    heads: list[int]  # active slots of each block's primary head unit
+    groups: list[int]  # … and of its primary group unit
     tokens_kept: list[int]  # summed over the batch
     tokens_total: int  # per sample
+    # per block: unit name -> active slots, for every routed unit (FLUX double blocks: ff and ff_context)
+    units: list[dict] = field(default_factory=list)
 
 
 class ModelBinding:
@@ -68,6 +71,16 @@ class ModelBinding:
         self._indices: dict = {}
         self.plan = plan if plan is not None else WidthPlan()
         self.num_tokens = adapter.num_tokens(model)
+        self.geometry = model.__dict__.get(GEOMETRY)
+
+    def follow_geometry(self, model):
+        """Re-reads the specs when the model's token geometry changed (another resolution or prompt
+        length): the units and index tables stay, the token counts of the FLOPs description move."""
+        geometry = model.__dict__.get(GEOMETRY)
+        if geometry != self.geometry:
+            self.specs = [block_adapter(b).spec(b, model) for b in self.blocks]
+            self.num_tokens = model_adapter(model).num_tokens(model)
+            self.geometry = geometry
 
     def position(self, block) -> int | None:
         i = self._position.get(id(block))
@@ -96,7 +109,7 @@ class ModelBinding:
 class DynamicContext:
     def __init__(self, mode: str = "auto", tau: float | None = None, plan: WidthPlan | None = None,
                  weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 noise: float = 1.0):
+                 noise: float = 1.0, record_tokens: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")
         self.mode = mode
@@ -105,6 +118,10 @@ class DynamicContext:
         self._given_plan = plan
         self.weights = weights if weights is not None else SlicedWeights(max_cache_bytes)
         self.record_usage = record_usage
+        # record_tokens: keep every routed block's token mask of every fast/masked forward, as
+        # (plan key, block index, (B, N) bool on the CPU), for token-keep maps and spatial selectivity
+        self.record_tokens = record_tokens
+        self.token_masks: list[tuple[float | tuple, int, torch.Tensor]] = []
         self.records: list[BlockUsage] = []
         self.usage: list[StepUsage] = []
         self.step_width = None
@@ -137,39 +154,51 @@ class DynamicContext:
 
     # ---- called by the engine ----
     def begin_forward(self, model, t: torch.Tensor, t_emb: torch.Tensor):
+        """``t``: the plan keys of the batch, (B,) timesteps or (B, K) (t, guidance, …); ``t_emb`` (B, D)."""
         binding = self.bind(model)
+        binding.follow_geometry(model)
         self.records = []
         self.dynamic_config = model.dynamic_config
         if self.tau is None:
             self.tau = model.dynamic_config.tau
-        t = t.reshape(-1)
+        t = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1)
         shared = bool((t == t[0]).all())
         mode = self.mode
         if mode == "auto":
             mode = "train" if model.training and torch.is_grad_enabled() else ("fast" if shared else "masked")
         self.current_mode = mode
         self.t_emb = t_emb
+        key = t[0].tolist()  # the exact key (a float, or a list for (t, guidance, …))
+        self.t_value = tuple(key) if isinstance(key, list) else key
         if mode == "fast":
             if not shared:
                 raise ValueError("the fast dynamic path needs one timestep for the whole batch (as in sampling); "
                                  "use mode='masked' (or the default 'auto') for mixed timesteps")
-            t0 = float(t[0])
+            t0 = key
             self.step_width = binding.plan.get(model, t0, binding)
             if hasattr(self.weights, "begin_step"):  # e.g. TD-LoRA: weights that depend on t
                 self.weights.begin_step(t0, t_emb[:1])
             if self.record_usage:
                 n = len(self.step_width)
-                self._current = StepUsage(t0, t.numel(), [0] * n, [0] * n, [0] * n, binding.num_tokens)
+                key = tuple(t0) if isinstance(t0, list) else t0
+                self._current = StepUsage(key, t.shape[0], [0] * n, [0] * n, [0] * n, binding.num_tokens,
+                                          [{} for _ in range(n)])
                 self.usage.append(self._current)
 
     def record(self, spec, masks, token_mask):
         self.records.append(BlockUsage(spec, masks, token_mask))
 
-    def record_fast(self, i: int, heads: int, groups: int, tokens_kept: int):
+    def record_token_mask(self, index: int, keep: torch.Tensor):
+        if self.record_tokens:
+            self.token_masks.append((self.t_value, index, keep.detach().bool().cpu()))
+
+    def record_fast(self, i: int, heads: int, groups: int, tokens_kept: int, units: dict | None = None):
         if self._current is not None:
             self._current.heads[i] = heads
             self._current.groups[i] = groups
             self._current.tokens_kept[i] = tokens_kept
+            if units is not None:
+                self._current.units[i] = units
 
     # ---- called by samplers ----
     def prepare(self, model, process):

@@ -8,7 +8,7 @@ import torch
 from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
 from dydit.dynamic.config import DynamicConfig
 from dydit.dynamic.engine import install
-from dydit.dynamic.routers import TokenRouter, WidthRouter
+from dydit.dynamic.routers import WidthRouter
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,13 @@ def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
         raise ValueError("model is already dynamic")
     if reorder:
         reorder_by_importance(model)
+    if config.optional_units:  # a misspelt unit would silently stay at full width
+        known = {u.name for b in model_adapter(model).blocks(model) if block_adapter(b) is not None
+                 for u in block_adapter(b).spec(b, model).units if u.optional}
+        unknown = sorted(set(config.optional_units) - known)
+        if unknown:
+            raise ValueError(f"optional_units {unknown} name no optional unit of this model; "
+                             f"it has {sorted(known) or 'none'}")
     for block in model_adapter(model).blocks(model):
         adapter = block_adapter(block)
         if adapter is None:
@@ -39,14 +46,15 @@ def dynamize(model, config: DynamicConfig | None = None, reorder: bool = False):
                 setattr(block, name, None)  # every router slot exists; None = not routed
         if config.width:
             for unit in spec.units:
+                if unit.optional and unit.name not in config.optional_units:
+                    continue
                 setattr(block, unit.router, WidthRouter(spec.width_dim, unit.num_slots, config.always_on,
                                                         config.width_bias_init).to(dev))
         if config.block_skip:
             setattr(block, GATE, WidthRouter(spec.width_dim, 1, always_on=False,
                                              bias_init=config.width_bias_init).to(dev))
         if config.tokens and spec.token_router is not None:
-            setattr(block, spec.token_router, TokenRouter(spec.token_dim, config.token_hidden_ratio,
-                                                          config.token_bias_init).to(dev))
+            setattr(block, spec.token_router, adapter.make_token_router(block, spec, config).to(dev))
     model.dynamic_config = config
     install(model)
     return model
@@ -60,7 +68,7 @@ def _is_router_name(name: str) -> bool:
     return any(k in name for k in ROUTER_NAMES)
 
 
-ROUTER_NAMES = ("attn_rate.", "mlp_rate.", "token_selection.", "block_gate.")
+ROUTER_NAMES = ("attn_rate.", "mlp_rate.", "mlp_context_rate.", "token_selection.", "block_gate.")
 
 
 @torch.no_grad()

@@ -16,18 +16,62 @@ timestep, the masked computation otherwise (and training masks in train mode wit
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
-from dydit.dynamic.context import resolve_context
+from dydit.dynamic.context import GEOMETRY, resolve_context
 from dydit.dynamic.ops import gather_tokens, scatter_add_tokens
 
+log = logging.getLogger(__name__)
 _RUNNING: list = []  # stack of the contexts of the dynamic forwards in progress (None: complete)
+_WARNED: set = set()
 
 
 def _pick_rows(v):
-    return v.unsqueeze(1)
+    """All tokens: a per-sample (B, C) tensor broadcast over tokens; a per-token (B, N, C) one as is."""
+    return v.unsqueeze(1) if v.ndim == 2 else v
+
+
+def _picker(B: int, N: int, flat_idx: torch.Tensor, sample_idx: torch.Tensor):
+    """Kept tokens (M rows): a per-sample (B, C) tensor repeated per kept token, a per-token (B, N, C)
+    tensor gathered at the kept tokens."""
+    def pick(v):
+        if v.ndim == 2:
+            return v.index_select(0, sample_idx)
+        return v.reshape(B * N, *v.shape[2:]).index_select(0, flat_idx)
+
+    return pick
+
+
+def _plain_linear(module):
+    """The nn.Linear that computes ``module``: itself, or the base layer of an adapter wrapper (peft's LoRA
+    layers) whose adapters are merged into it or disabled; None when unmerged adapters run beside it."""
+    if isinstance(module, nn.Linear) or getattr(module, "needs_merged_weights", False):
+        return module
+    base = getattr(module, "base_layer", None)
+    merged, disabled = bool(getattr(module, "merged", False)), bool(getattr(module, "disable_adapters", False))
+    if isinstance(base, nn.Linear) and merged != disabled:  # merged and on, or unmerged and off: the base alone
+        return base
+    return None
+
+
+def _wrapped_linear(module, rows, cols, x: torch.Tensor, path: str) -> torch.Tensor:
+    """A Linear wrapped by an adapter (an unmerged LoRA layer) at the active rows/columns: computed at full
+    width with the inactive input columns zero, so the result is exact though not narrower."""
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("%s is a %s, not a plain Linear: the fast path runs it at full width (exact, not faster); "
+                    "merge the adapter (e.g. pipe.fuse_lora()) for the speedup", path, type(module).__name__)
+    if cols is not None:
+        full = x.new_zeros(*x.shape[:-1], module.in_features)
+        full[..., cols] = x
+        x = full
+    out = module(x)
+    return out if rows is None else out[..., rows]
 
 
 class BlockRun:
@@ -40,6 +84,7 @@ class BlockRun:
         self.fast = ctx.current_mode == "fast"
         self.token_mask = None
         self.kept = None
+        self.samples = ctx.t_emb.shape[0]  # samples in the batch (rows of x may be samples × frames)
         if self.fast:
             self.width = ctx.step_width[index]
             self.skipped = self.width.skipped
@@ -66,7 +111,10 @@ class BlockRun:
         if not self.fast:
             return module(x)
         rows, cols = self.ctx.binding.indices(self.index, self.width, path, module)
-        w, b = self.ctx.weights.restricted(module, rows, cols, (self.width.key, path))
+        plain = _plain_linear(module)
+        if plain is None:
+            return _wrapped_linear(module, rows, cols, x, path)
+        w, b = self.ctx.weights.restricted(plain, rows, cols, (self.width.key, path))
         return F.linear(x, w, b)
 
     def _apply(self, unit_name: str, out: torch.Tensor, repeat: int) -> torch.Tensor:
@@ -91,19 +139,25 @@ class BlockRun:
         return self._apply(unit, a, repeat)
 
     # ---- block skip ----
-    def gate_update(self, update: torch.Tensor) -> torch.Tensor:
-        """A residual update (B, ...) times the block gate (masked modes of the block-skip ablation)."""
+    def gate_update(self, update: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """A residual update (B·repeat, ...) times the block gate (masked modes of the block-skip ablation)."""
         if self.fast or self.run_mask is None:
             return update
-        return update * self.run_mask.view(-1, *([1] * (update.ndim - 1))).to(update.dtype)
+        gate = self.run_mask.repeat_interleave(repeat, dim=0) if repeat > 1 else self.run_mask
+        return update * gate.view(-1, *([1] * (update.ndim - 1))).to(update.dtype)
 
     # ---- tokens ----
-    def token_update(self, unit: str, x: torch.Tensor, update_fn) -> torch.Tensor:
-        """x + update of the token-routed branch ``unit``; x: (B, N, D).
+    def token_update(self, unit: str, x: torch.Tensor, update_fn, repeat: int = 1, route: tuple = ()) -> torch.Tensor:
+        """x + update of the token-routed branch ``unit``; x: (B·repeat, N, D), the tokens the router sees.
 
-        ``update_fn(z, pick)`` computes the branch's residual update for tokens ``z`` — all of x (B, N, D),
-        or on the fast path only the kept tokens of the whole batch (M, D) — where ``pick(v)`` aligns a
-        per-sample tensor v (B, D) with z's rows.
+        ``update_fn(z, pick)`` computes the branch's residual update for tokens ``z`` — all of x, or on the
+        fast path only the kept tokens of the whole batch (M, D) — where ``pick(v)`` aligns with z's rows a
+        per-row tensor v (B·repeat, C) or a per-token one (B·repeat, N, C) (e.g. the normalised tokens or
+        their attention output, when the update is not a function of x alone). ``repeat`` > 1: each
+        sample's tokens span ``repeat`` rows of x (Latte folds frames or patch positions into the batch);
+        the recorded token mask is per sample, (B, repeat·N), so the FLOPs ratio counts a sample's tokens
+        over all its rows. ``route``: further inputs of the token router (DyFLUX's: the conditioning and
+        the text tokens).
         """
         name = self.spec.unit(unit).token_router
         router = getattr(self.block, name, None) if name is not None else None
@@ -111,15 +165,23 @@ class BlockRun:
             if router is None:
                 self.kept = x.shape[0] * x.shape[1]
                 return x + update_fn(x, _pick_rows)
-            keep = router.keep(x)  # (B, N)
+            keep = router.keep(x, *route)  # (B·repeat, N)
+            self.ctx.record_token_mask(self.index, keep.reshape(x.shape[0] // repeat, -1))
+            if bool(keep.all()):  # nothing skipped: no gather/scatter copies (time and peak memory)
+                self.kept = keep.numel()
+                return x + update_fn(x, _pick_rows)
             xs, flat_idx, sample_idx = gather_tokens(x, keep)  # (M, D)
             self.kept = flat_idx.numel()
-            return scatter_add_tokens(x, flat_idx, update_fn(xs, lambda v: v.index_select(0, sample_idx)))
+            pick = _picker(x.shape[0], x.shape[1], flat_idx, sample_idx)
+            return scatter_add_tokens(x, flat_idx, update_fn(xs, pick))
         update = update_fn(x, _pick_rows)
         if router is not None:
-            self.token_mask = router(x, self.ctx.tau, self.ctx.current_mode == "train", self.ctx.noise)
-            update = update * self.token_mask.unsqueeze(-1).to(update.dtype)
-        return x + self.gate_update(update)
+            mask = router(x, *route, tau=self.ctx.tau, training=self.ctx.current_mode == "train",
+                          noise=self.ctx.noise)  # (B·repeat, N)
+            update = update * mask.unsqueeze(-1).to(update.dtype)
+            self.token_mask = mask.reshape(x.shape[0] // repeat, -1)
+            self.ctx.record_token_mask(self.index, self.token_mask > 0.5)
+        return x + self.gate_update(update, repeat)
 
     def finish(self):
         ctx = self.ctx
@@ -127,7 +189,8 @@ class BlockRun:
             if ctx.record_usage:
                 w = self.width
                 ctx.record_fast(self.index, len(w.heads) if w.heads is not None else 0,
-                                len(w.groups) if w.groups is not None else 0, self.kept or 0)
+                                len(w.groups) if w.groups is not None else 0, self.kept or 0,
+                                {name: len(s) for name, s in w.slots.items()})
             return
         masks = dict(self.masks)
         if self.run_mask is not None:  # the FLOPs accounting sees a skipped block as zero heads and groups
@@ -153,7 +216,11 @@ def _model_forward(self, *args, dyn=None, **kwargs):
             return base.forward(self, *args, **kwargs)
         finally:
             _RUNNING.pop()
-    t, t_emb = model_adapter(self).router_input(self, args, kwargs)
+    adapter = model_adapter(self)
+    geometry = adapter.geometry(self, args, kwargs)
+    if geometry is not None:
+        self.__dict__[GEOMETRY] = geometry
+    t, t_emb = adapter.router_input(self, args, kwargs)
     ctx.begin_forward(self, t, t_emb)
     _RUNNING.append(ctx)
     try:

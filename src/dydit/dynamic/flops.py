@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dydit.dynamic.adapters import GATE, block_adapter, model_adapter
+from dydit.dynamic.adapters import GATE, block_adapter, model_adapter, span_routed
 
 
 @dataclass
@@ -29,6 +29,15 @@ class BlockFlops:
     units: dict = field(default_factory=dict)  # routed unit name -> its MACs (attn/mlp are their sums)
     token_units: tuple = ()  # units whose tokens the token router gates
     kind: str = "block"
+    # unit name -> the part of its MACs that runs only for kept tokens (scaled by the token share)
+    gated: dict = field(default_factory=dict)
+    unit_slots: dict = field(default_factory=dict)  # unit name -> its number of slots
+    head_units: tuple = ()  # names of the head units (the rest are group units)
+
+    def unit_macs(self, name: str, share, tokens=1.0):
+        """MACs of unit ``name`` with ``share`` of its slots on and ``tokens`` of the router's tokens kept."""
+        gated = self.gated.get(name, 0.0)
+        return share * (self.units[name] - gated + tokens * gated)
 
 
 @dataclass
@@ -47,6 +56,18 @@ class FlopsSpec:
         """Whole static forward for one sample (what the DiT paper reports as GFLOPs)."""
         return self.block_total + sum(b.modulation for b in self.blocks) + self.embed + self.final
 
+    def by_kind(self) -> dict:
+        """Per block kind (DiT: "block"; FLUX: "double"/"single"): count, attention and MLP MACs per
+        sample, summed over the blocks of that kind."""
+        out = {}
+        for b in self.blocks:
+            k = out.setdefault(b.kind, {"blocks": 0, "attn": 0.0, "mlp": 0.0, "modulation": 0.0})
+            k["blocks"] += 1
+            k["attn"] += b.attn
+            k["mlp"] += b.mlp
+            k["modulation"] += b.modulation
+        return out
+
 
 def attention_macs(N: int, D: int) -> float:
     return 4 * N * D * D + 2 * N * N * D
@@ -56,16 +77,17 @@ def mlp_macs(N: int, D: int, hidden: int) -> float:
     return 2 * N * D * hidden
 
 
-def unit_macs(block, unit) -> float:
+def unit_macs(block, unit, gated_only: bool = False) -> float:
     """Per-sample MACs of one routed unit at full width: its share of every Linear it spans, plus the
-    attention matmuls (QK^T and AV, quadratic in the attention length) for a head unit."""
+    attention matmuls (QK^T and AV, quadratic in the attention length) for a head unit.
+    ``gated_only``: only the part that runs for the token router's kept tokens alone (``Span.routed``)."""
     macs = 0
     width = unit.num_slots * unit.slot_size
     for span in unit.spans:
         linear = block.get_submodule(span.linear)
         other = linear.in_features if span.axis == "out" else linear.out_features
-        macs += span.tokens * width * other
-    if hasattr(unit, "seq_len"):
+        macs += (span_routed(unit, span) if gated_only else span.tokens) * width * other
+    if hasattr(unit, "seq_len") and not gated_only:  # attention itself sees every token
         macs += unit.instances * 2 * unit.seq_len * unit.seq_len * width
     return macs
 
@@ -80,6 +102,7 @@ def block_flops(block, spec) -> BlockFlops:
     width_router = sum(_linear_macs(getattr(block, name))
                        for name in [u.router for u in spec.units] + [GATE] if getattr(block, name, None) is not None)
     token = getattr(block, spec.token_router, None) if spec.token_router else None
+    gated = {u.name: unit_macs(block, u, gated_only=True) if token is not None else 0.0 for u in spec.units}
     return BlockFlops(
         attn=sum(units[u.name] for u in spec.heads),
         mlp=sum(units[u.name] for u in spec.groups),
@@ -90,8 +113,11 @@ def block_flops(block, spec) -> BlockFlops:
         width_router=width_router,
         token_router=spec.num_tokens * _linear_macs(token) if token is not None else 0.0,
         units=units,
-        token_units=tuple(u.name for u in spec.groups if u.token_router is not None and token is not None),
+        token_units=tuple(name for name, g in gated.items() if g),
         kind=spec.kind,
+        gated=gated,
+        unit_slots={u.name: u.num_slots for u in spec.units},
+        head_units=tuple(u.name for u in spec.heads),
     )
 
 
@@ -115,33 +141,42 @@ def dynamic_ratio(spec: FlopsSpec, records) -> torch.Tensor:
     """Per-sample r_b = Σ_l[(h_l/H)F_attn + (g_l/G)(n_l/N)F_mlp] / Σ_l(F_attn + F_mlp), differentiable.
 
     ``records`` holds one :class:`dydit.dynamic.context.BlockUsage` per routed block (masks (B, slots)
-    per unit, token_mask (B, N); None = full). Every routed unit counts with its own share.
+    per unit, token_mask (B, N); None = full). Every routed unit counts with its own share, its
+    token-gated part (``BlockFlops.gated``) also with the kept-token share.
     """
     total = None
     for bf, rec in zip(spec.blocks, records):
         tokens = rec.token_mask.float().mean(1) if rec.token_mask is not None else 1.0
         term = None
-        for name, macs in bf.units.items():
+        for name in bf.units:
             m = rec.masks.get(name)
             share = m.float().mean(1) if m is not None else 1.0
-            if name in bf.token_units:
-                share = share * tokens
-            term = share * macs if term is None else term + share * macs
+            part = bf.unit_macs(name, share, tokens)
+            term = part if term is None else term + part
         total = term if total is None else total + term
     if not torch.is_tensor(total):
         total = torch.tensor(float(total))
     return total / spec.block_total
 
 
-def realised_macs(spec: FlopsSpec, heads: list[int], groups: list[int], tokens: list[float]) -> dict:
+def realised_macs(spec: FlopsSpec, heads: list[int], groups: list[int], tokens: list[float],
+                  units: list[dict] | None = None) -> dict:
     """MACs of one sample's forward at given per-block active heads, groups and mean kept tokens.
 
-    Returns the parts separately: blocks (the paper's ratio numerator), routers, and the rest.
+    ``units`` (per block: unit name -> active slots, as :class:`StepUsage.units` records them) gives
+    every routed unit its own count; without it (or for a unit it leaves out) a block's head units
+    take ``heads`` and its group units ``groups``. The token-gated part of each unit scales with the
+    kept share of the token router's tokens. Returns the parts separately: blocks (the paper's ratio
+    numerator), routers, and the rest.
     """
     blocks = 0.0
     routers = 0.0
-    for bf, h, g, n in zip(spec.blocks, heads, groups, tokens):
-        blocks += (h / bf.num_heads) * bf.attn + (g / bf.num_groups) * (n / bf.num_tokens) * bf.mlp
+    units = units if units is not None else [None] * len(spec.blocks)
+    for bf, h, g, n, per_unit in zip(spec.blocks, heads, groups, tokens, units):
+        keep = n / bf.num_tokens if bf.num_tokens else 1.0
+        for name in bf.units:
+            count = (per_unit or {}).get(name, h if name in bf.head_units else g)
+            blocks += bf.unit_macs(name, count / bf.unit_slots[name], keep)
         routers += bf.token_router + bf.width_router
     other = spec.embed + spec.final + sum(b.modulation for b in spec.blocks)
     return {"blocks": blocks, "routers": routers, "other": other, "total": blocks + routers + other}

@@ -37,7 +37,13 @@ class BlockWidth:
         return self.slots.get(self.primary[1])
 
 
-def time_key(t: float) -> float:
+def time_key(t):
+    """The plan's key of one routers' input: a timestep (float), or a tuple of floats when the routers
+    see more scalars than t (FLUX with a guidance embedding: (t, guidance)); a 0-d/1-d tensor works too."""
+    if isinstance(t, torch.Tensor):
+        t = t.tolist()
+    if isinstance(t, (tuple, list)):
+        return tuple(round(float(v), 6) for v in t)
     return round(float(t), 6)
 
 
@@ -55,10 +61,11 @@ def _fingerprint(model, blocks, specs):
 
 
 class WidthPlan:
-    """Maps a model-unit timestep to one :class:`BlockWidth` per routed block of one model."""
+    """Maps a plan key (a model-unit timestep, or (t, guidance) for guidance-embedding models) to one
+    :class:`BlockWidth` per routed block of one model."""
 
     def __init__(self):
-        self.steps: dict[float, list[BlockWidth]] = {}
+        self.steps: dict = {}
         self._model = None
         self._fingerprint = None
 
@@ -73,17 +80,25 @@ class WidthPlan:
 
     @torch.no_grad()
     def compute(self, model, timesteps) -> "WidthPlan":
-        """Evaluates every block's width routers at each timestep (one batched call per router)."""
+        """Evaluates every block's width routers at each key (one batched call per router).
+
+        ``timesteps``: keys, each a timestep or a tuple (t, guidance, …) as the model adapter's
+        ``router_input`` forms them; the routers see the exact values (the first seen per rounded key)."""
         adapter = model_adapter(model)
         blocks = [b for b in adapter.blocks(model) if block_adapter(b) is not None]
         specs = [block_adapter(b).spec(b, model) for b in blocks]
         self._check(model, blocks, specs)
         device = next(model.parameters()).device
-        new = sorted({time_key(t) for t in torch.as_tensor(list(timesteps), dtype=torch.float32).tolist()}
-                     - set(self.steps))
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = [v.tolist() if isinstance(v, torch.Tensor) else v for v in timesteps]
+        values = torch.as_tensor(timesteps, dtype=torch.float32).cpu()  # (T,) or (T, K)
+        exact = {}
+        for v in values:
+            exact.setdefault(time_key(v), v)
+        new = sorted(k for k in exact if k not in self.steps)
         if not new:
             return self
-        t_emb = adapter.timestep_embedding(model, torch.tensor(new, device=device))  # (T, D)
+        t_emb = adapter.timestep_embedding(model, torch.stack([exact[k] for k in new]).to(device))  # (T, D)
         per_block = []
         for block, spec in zip(blocks, specs):
             masks = {}
@@ -104,8 +119,8 @@ class WidthPlan:
             self.steps[time_key(t)] = widths
         return self
 
-    def get(self, model, t: float, binding=None) -> list[BlockWidth]:
-        """The widths at ``t`` (computed on first use, and again after the routers changed).
+    def get(self, model, t, binding=None) -> list[BlockWidth]:
+        """The widths at key ``t`` (computed on first use, and again after the routers changed).
 
         ``binding`` (a context's :class:`~dydit.dynamic.context.ModelBinding` of ``model``) saves
         re-reading the block specs on every forward."""
@@ -139,10 +154,11 @@ class _Cache:
     entries: dict = field(default_factory=dict)
 
 
-# The fast path's default cache budget for gathered (non-contiguous) weight restrictions. Measured on
-# DiT-S/2..XL/2 (docs/results/bench_engine_memory.md): gathering on the fly costs under 1% of a step,
-# while caching every distinct active set cost +14% peak memory on DiT-B/2 and would not scale to
-# FLUX-size models. Contiguous restrictions are zero-copy views and never need the cache.
+# The fast path's default cache budget for gathered (non-contiguous) weight restrictions: none. Caching
+# every distinct active set cost +14% peak memory on DiT-B/2 (docs/RESULTS.md, B2) and grows with the
+# model (per-step copies of FLUX-size weights); gathering one Linear's rows on the fly is a copy of the
+# narrowed matrix that the matmul then reads anyway. Contiguous restrictions (importance-ordered slots:
+# the always-on slot first) are zero-copy views and never need it.
 DEFAULT_CACHE_BYTES = 0
 
 
@@ -189,7 +205,7 @@ class SlicedWeights:
         self.t_key: float | None = None
         self.t_emb: torch.Tensor | None = None  # (1, D)
 
-    def begin_step(self, t: float, t_emb: torch.Tensor):
+    def begin_step(self, t, t_emb: torch.Tensor):
         """Called once per fast forward by the context: the step's timestep and its E_t row."""
         self.t_key = time_key(t)
         self.t_emb = t_emb[:1].detach()

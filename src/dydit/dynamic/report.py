@@ -8,16 +8,21 @@ import numpy as np
 from dydit.dynamic.flops import FlopsSpec, realised_macs
 
 
+def _realised(spec: FlopsSpec, u) -> dict:
+    """realised_macs of one recorded fast forward, every routed unit at its own width."""
+    return realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept], u.units or None)
+
+
 def usage_arrays(usage, spec: FlopsSpec):
     """(steps, blocks) arrays of head share, group share, token share, and per-step GMACs per sample."""
     heads = np.array([[h / b.num_heads for h, b in zip(u.heads, spec.blocks)] for u in usage])
     groups = np.array([[g / b.num_groups for g, b in zip(u.groups, spec.blocks)] for u in usage])
     tokens = np.array([[k / (u.batch * u.tokens_total) for k in u.tokens_kept] for u in usage])
     gmacs = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["total"] / 1e9 for u in usage
+        _realised(spec, u)["total"] / 1e9 for u in usage
     ])
     ratio = np.array([
-        realised_macs(spec, u.heads, u.groups, [k / u.batch for k in u.tokens_kept])["blocks"] / spec.block_total
+        _realised(spec, u)["blocks"] / spec.block_total
         for u in usage
     ])
     return heads, groups, tokens, gmacs, ratio
@@ -58,17 +63,59 @@ def sampling_forwards(model, sampler: str, steps: int) -> int:
     return len(make_process(model, sampler, steps).sampling_timesteps())
 
 
+def plan_json(usage, spec: FlopsSpec, summary: dict | None = None) -> dict:
+    """Per step and block: active heads, MLP groups and token share, with the step's FLOPs ratio and the
+    run's realised ratio (``summary`` from :func:`summarize`)."""
+    heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
+    steps = [{"step": i, "t": u.t, "flops_ratio": float(ratio[i]), "gmacs_per_forward": float(gmacs[i]),
+              "blocks": [{"block": b, "heads": u.heads[b], "groups": u.groups[b], "token_share": float(tokens[i, b])}
+                         for b in range(len(u.heads))]}
+             for i, u in enumerate(usage)]
+    out = {"realised_flops_ratio": float(ratio.mean()), "num_heads": [b.num_heads for b in spec.blocks],
+           "num_groups": [b.num_groups for b in spec.blocks], "steps": steps}
+    if summary is not None:
+        out["summary"] = summary
+    return out
+
+
+def usage_by_kind(usage, spec: FlopsSpec) -> dict:
+    """Per block kind (DiT: "block"; Latte: "spatial"/"temporal"), over all steps of ``usage``: mean head,
+    group and token shares, and the realised block-MACs ratio of that kind (its dynamic / static MACs)."""
+    heads, groups, tokens, _, _ = usage_arrays(usage, spec)
+    out = {}
+    for kind in dict.fromkeys(b.kind for b in spec.blocks):
+        cols = [i for i, b in enumerate(spec.blocks) if b.kind == kind]
+        static = sum(spec.blocks[i].attn + spec.blocks[i].mlp for i in cols)
+        dynamic = np.array([sum(heads[s, i] * spec.blocks[i].attn + groups[s, i] * tokens[s, i] * spec.blocks[i].mlp
+                                for i in cols) for s in range(len(usage))])
+        out[kind] = {"blocks": len(cols), "heads": float(heads[:, cols].mean()), "groups": float(groups[:, cols].mean()),
+                     "tokens": float(tokens[:, cols].mean()), "flops_ratio": float((dynamic / static).mean())}
+    return out
+
+
+def _key(t) -> str:
+    """A plan key as text: the timestep, or (t, guidance, …) for routers that see more than t."""
+    return ", ".join(f"{v:g}" for v in t) if isinstance(t, tuple) else f"{t:g}"
+
+
 def plan_table(usage, spec: FlopsSpec) -> str:
-    """Markdown table: one row per step with per-block heads/groups/token share and GMACs."""
+    """Markdown table: one row per step with per-block heads/groups/token share and GMACs; a second table
+    per block kind when the model has several (Latte's spatial and temporal blocks)."""
     heads, groups, tokens, gmacs, ratio = usage_arrays(usage, spec)
     H = spec.blocks[0].num_heads
     lines = ["| step | t | heads per block | groups per block | token share per block | ratio | GMACs |",
              "|---|---|---|---|---|---|---|"]
     for i, u in enumerate(usage):
         lines.append(
-            f"| {i} | {u.t:g} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
+            f"| {i} | {_key(u.t)} | {' '.join(str(h) for h in u.heads)} /{H} | {' '.join(str(g) for g in u.groups)} /{H} | "
             f"{' '.join(f'{v:.2f}' for v in tokens[i])} | {ratio[i]:.3f} | {gmacs[i]:.4f} |"
         )
+    kinds = usage_by_kind(usage, spec)
+    if len(kinds) > 1:
+        lines += ["", "| block kind | blocks | head share | group share | token share | FLOPs ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['blocks']} | {v['heads']:.3f} | {v['groups']:.3f} | {v['tokens']:.3f} | "
+                  f"{v['flops_ratio']:.3f} |" for k, v in kinds.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -83,3 +83,34 @@ class TokenRouter(nn.Module):
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean inference mask (B, N): the tokens the fast path runs."""
         return is_on(self.logits(x))
+
+
+class TextAwareTokenRouter(nn.Module):
+    """DyFLUX's token router (the authors' ``TokenSelect_baesd_on_x_t_text``; parameter names theirs).
+
+    An image token's logit is ``router(m(x) + mean_text m_t(text))``, where m and m_t modulate the shared
+    ``norm`` (LayerNorm, affine) with shift/scale from ``linear_t(SiLU(temb))``: the token itself, the
+    step and prompt (temb) and the prompt's tokens decide together. x (B, N, D) image tokens,
+    temb (B, C) the block's conditioning, text (B, L, D) text tokens -> (B, N).
+    """
+
+    def __init__(self, dim: int, cond_dim: int, bias_init: float = 5.0):
+        super().__init__()
+        self.linear_t = nn.Linear(cond_dim, 4 * dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.router = nn.Linear(dim, 1)
+        nn.init.zeros_(self.router.weight)  # every token on: the converted model is the static function
+        nn.init.constant_(self.router.bias, bias_init)
+
+    def logits(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        shift, scale, shift_t, scale_t = self.linear_t(nn.functional.silu(temb)).chunk(4, dim=1)  # (B, D) each
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
+        ht = (self.norm(text) * (1 + scale_t[:, None]) + shift_t[:, None]).mean(1, keepdim=True)  # (B, 1, D)
+        return self.router(h + ht).squeeze(-1)  # (B, N)
+
+    def forward(self, x, temb, text, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
+        return gumbel_sigmoid_ste(self.logits(x, temb, text).float(), tau, training, noise)
+
+    def keep(self, x, temb, text) -> torch.Tensor:
+        """Boolean inference mask (B, N); the authors keep a token where sigmoid(logit) > 0.5, i.e. logit > 0."""
+        return is_on(self.logits(x, temb, text))

@@ -59,7 +59,8 @@ def is_diffusers_dit_config(cfg: dict) -> bool:
 
 def apply_mlp_norm_eps(model) -> None:
     """Sets the pre-MLP LayerNorm eps recorded in ``config.extra`` (diffusers-converted models)."""
-    eps = model.config.extra.get(MLP_NORM_EPS)
+    extra = getattr(model.config, "extra", None)  # diffusers models (FLUX) have no such field
+    eps = extra.get(MLP_NORM_EPS) if isinstance(extra, dict) else None
     if eps is not None:
         for block in model.blocks:
             block.norm2.eps = float(eps)

@@ -1,8 +1,9 @@
 """`dydit.load(path)`: recognise a checkpoint's format and load it without executing code from it.
 
 Supported: official DiT/SiT/DyDiT ``.pt`` (plain state dict or training dict), the same weights as a
-``.safetensors`` file, dydit training checkpoints, dydit model folders, and diffusers
-``DiTTransformer2DModel`` folders (or pipeline folders with a ``transformer/`` subfolder).
+``.safetensors`` file, dydit training checkpoints, dydit model folders, diffusers
+``DiTTransformer2DModel`` and ``FluxTransformer2DModel`` folders (or pipeline folders with a
+``transformer/`` subfolder), and the authors' DyFLUX ``{"module": state_dict}`` files (``config=``).
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def _load_folder(path: Path, objective, map_location):
             return _load_folder(path / "transformer", objective, map_location)
         raise ValueError(
             f"{path}: folder has no {CONFIG_NAME}. Expected a dydit model folder (config.json + "
-            "model.safetensors), a diffusers DiTTransformer2DModel folder, or a diffusers pipeline folder."
+            "model.safetensors), a diffusers DiTTransformer2DModel or FluxTransformer2DModel folder, or a diffusers "
+            "pipeline folder."
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -106,7 +108,7 @@ def _load_folder(path: Path, objective, map_location):
         raise ValueError(f"{path}: this folder holds a VAE (AutoencoderKL); load it with dydit.vae.load_vae")
     raise ValueError(
         f"{cfg_path}: describes {kind or 'an unknown model'!r}, which dydit.load cannot build. Supported "
-        "folders: dydit models (_format 'dydit') and diffusers DiTTransformer2DModel."
+        "folders: dydit models (_format 'dydit') and diffusers DiTTransformer2DModel and FluxTransformer2DModel."
     )
 
 

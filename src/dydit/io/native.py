@@ -24,6 +24,9 @@ def save(model, folder, extra_config: dict | None = None) -> Path:
     the model); loading ignores them, and they cannot replace the keys that describe the model.
     """
     folder = Path(folder)
+    if not hasattr(model.config, "to_dict"):  # a diffusers model used as the backbone (FLUX)
+        raise TypeError(f"{type(model).__name__} is a diffusers model: save it with model.save_pretrained(folder) "
+                        "(router tensors included); dydit.load(folder) rebuilds it")
     clash = sorted(set(extra_config or {}) & set(_OWN_KEYS))
     if clash:
         raise ValueError(f"extra_config cannot set {clash}: config.json keeps them for the model itself")
@@ -69,7 +72,10 @@ def load_native(folder, map_location="cpu"):
 
     folder = Path(folder)
     cfg = read_native_config(folder)
-    model = model_from_config(cfg.get("_class", "DiT"), cfg["model"])
+    try:
+        model = model_from_config(cfg.get("_class", "DiT"), cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
     if "dynamic" in cfg:
         from dydit.dynamic import DynamicConfig, dynamize
 

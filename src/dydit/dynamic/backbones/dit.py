@@ -17,44 +17,65 @@ from dydit.models.layers import modulate
 
 
 class DiTBlockAdapter(BlockAdapter):
-    def spec(self, block: DiTBlock, model: DiT) -> BlockSpec:
+    """The adaLN-Zero block's units and dynamic forward; Latte's spatial/temporal blocks reuse both with
+    their own token geometry (:meth:`geometry`) and their frames or positions folded into the batch."""
+
+    kind = "block"
+
+    def geometry(self, block: DiTBlock, model) -> tuple[int, int, int]:
+        """(tokens per sample, attention instances per sample, attention length) of ``block``."""
         N = model.config.num_tokens
+        return N, 1, N
+
+    def spec(self, block: DiTBlock, model: DiT) -> BlockSpec:
+        tokens, instances, seq_len = self.geometry(block, model)
         D = block.attn.qkv.in_features
         H, hd = block.attn.num_heads, block.attn.head_dim
         hidden = block.mlp.fc1.out_features
         if hidden % H:
             raise ValueError(f"MLP hidden size {hidden} is not divisible into {H} groups")
-        heads = HeadUnit("attn", "attn_rate", H, hd, seq_len=N, spans=(
-            Span("attn.qkv", "out", 0, N), Span("attn.qkv", "out", D, N), Span("attn.qkv", "out", 2 * D, N),
-            Span("attn.proj", "in", 0, N)))
+        heads = HeadUnit("attn", "attn_rate", H, hd, seq_len=seq_len, instances=instances, spans=(
+            Span("attn.qkv", "out", 0, tokens), Span("attn.qkv", "out", D, tokens),
+            Span("attn.qkv", "out", 2 * D, tokens), Span("attn.proj", "in", 0, tokens)))
         groups = GroupUnit("mlp", "mlp_rate", H, hidden // H, token_router="token_selection", spans=(
-            Span("mlp.fc1", "out", 0, N), Span("mlp.fc2", "in", 0, N)))
+            Span("mlp.fc1", "out", 0, tokens), Span("mlp.fc2", "in", 0, tokens)))
+        # adaLN modulation runs once per row of c: once per sample in DiT, once per attention instance
+        # (frame or position) in Latte, whose c is repeated per row as in the official code
         return BlockSpec(heads=(heads,), groups=(groups,), width_dim=D, token_router="token_selection",
-                         token_dim=D, num_tokens=N, fixed_macs=D * 6 * D)
+                         token_dim=D, num_tokens=tokens, fixed_macs=instances * D * 6 * D, kind=self.kind)
 
     def forward(self, block: DiTBlock, run, x, c):
-        """x: (B, N, D) tokens; c: (B, D) conditioning."""
+        """x: (B·r, N, D) tokens, r rows per sample (DiT: 1); c: (B·r, D) conditioning, one row per x row."""
+        repeat = x.shape[0] // run.samples
         if run.skipped:
             return x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(block.norm1(x), shift_msa, scale_msa)
-        B, N, _ = h.shape
-        nh, hd = run.num_heads("attn"), block.attn.head_dim
-        if nh == 0:
-            attn_out = run.linear("attn.proj", h.new_zeros(B, N, 0))
-        else:
-            qkv = run.linear("attn.qkv", h).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, hd)
-            o = run.mask_heads("attn", o.transpose(1, 2).reshape(B, N, nh * hd))
-            attn_out = run.linear("attn.proj", o)
-        x = x + run.gate_update(gate_msa.unsqueeze(1) * attn_out)
+        # the attention's intermediates live only inside _attention, so they are freed before the MLP runs
+        # (as the static block's temporaries are): the dynamic block's peak memory stays at the static one's
+        attn_out = _attention(block, run, modulate(block.norm1(x), shift_msa, scale_msa), repeat)
+        x = x + run.gate_update(gate_msa.unsqueeze(1) * attn_out, repeat)
+        del attn_out
 
-        def mlp_update(z, pick):  # z: the tokens that run the MLP; pick(v) aligns per-sample rows with them
-            hz = block.norm2(z) * (1 + pick(scale_mlp)) + pick(shift_mlp)
-            a = run.mask_groups("mlp", run.linear("mlp.fc1", hz))
-            return pick(gate_mlp) * run.linear("mlp.fc2", block.mlp.act(a))
+        def mlp_update(z, pick):  # z: the tokens that run the MLP; pick(v) aligns per-row tensors with them
+            # rebinding `a` frees each intermediate as soon as the next exists, as the static Mlp does
+            a = block.norm2(z) * (1 + pick(scale_mlp)) + pick(shift_mlp)  # modulated tokens
+            a = run.linear("mlp.fc1", a)
+            a = block.mlp.act(run.mask_groups("mlp", a, repeat))
+            return pick(gate_mlp) * run.linear("mlp.fc2", a)
 
-        return run.token_update("mlp", x, mlp_update)
+        return run.token_update("mlp", x, mlp_update, repeat)
+
+
+def _attention(block: DiTBlock, run, h, repeat: int = 1):
+    """The routed attention's output projection of h: (B·repeat, N, D), ``repeat`` rows per sample."""
+    B, N, _ = h.shape
+    nh, hd = run.num_heads("attn"), block.attn.head_dim
+    if nh == 0:
+        return run.linear("attn.proj", h.new_zeros(B, N, 0))
+    qkv = run.linear("attn.qkv", h).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, hd)
+    del qkv
+    return run.linear("attn.proj", run.mask_heads("attn", o.transpose(1, 2).reshape(B, N, nh * hd), repeat))
 
 
 class DiTModelAdapter(ModelAdapter):
@@ -62,11 +83,12 @@ class DiTModelAdapter(ModelAdapter):
         return list(model.blocks)
 
     def router_input(self, model: DiT, args, kwargs):
+        from dydit.models.inputs import check_inputs
+
         x = args[0] if args else kwargs["x"]
         t = args[1] if len(args) > 1 else kwargs["t"]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        y = args[2] if len(args) > 2 else kwargs.get("y")
+        t = check_inputs(model.config, x, t, y)  # before the routers read t
         return t, model.t_embedder(t)
 
     def router_input_modules(self, model: DiT):
