@@ -388,6 +388,8 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
         bar.close()
     if log_file:
         log_file.close()
+    if world > 1:  # no rank returns before rank 0's checkpoint and ema/ are written (a resume reads them)
+        dist.barrier()
     if stop.signum is not None:
         raise stop.interrupted(step, cfg.steps, ckpt_path)
     return ema
