@@ -627,3 +627,18 @@ def test_eval_resumes_from_the_batches_it_kept(tmp_path, monkeypatch):
     key = evaluate.batches_dir(default_model_path(), settings, cache_dir=tmp_path)
     assert key == evaluate.batches_dir(default_model_path(), dict(settings), cache_dir=tmp_path)
     assert key != evaluate.batches_dir(default_model_path(), {**settings, "steps": 3}, cache_dir=tmp_path)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_dies_with_the_run(tmp_path):
+    from dydit.errors import UserError
+    from dydit.io.runs import hold_run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    other = hold_run_lock(out)  # another run holds the folder
+    with pytest.raises(UserError, match="in use by another dydit run"):
+        train(TrainConfig(**_config(out)), model=_tiny_model(), progress=False)
+    assert not (out / "checkpoint.pt").exists()  # nothing of the refused run was written
+    other.close()  # that run ended (a killed process releases it the same way)
+    train(TrainConfig(**_config(out)), model=_tiny_model(), progress=False)
+    hold_run_lock(out).close()  # a finished run leaves the folder free

@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
 
 
 def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
-    from dydit.io.runs import check_data_fits, check_resume, cut_log, prepare_run_folder
+    from dydit.io.runs import check_data_fits, check_resume, cut_log, hold_run_lock, prepare_run_folder
 
     rank, world = maybe_init_distributed()
     if cfg.threads:
@@ -231,8 +231,10 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
     sharded = cfg.parallel == "fsdp"
+    run_lock = None
     if rank == 0:
         prepare_run_folder(out, cfg.resume, checkpoint="checkpoint.dcp" if sharded else "checkpoint.pt")
+        run_lock = hold_run_lock(out)  # released when this run ends (or its process dies)
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.batch_size % world:
@@ -390,6 +392,8 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
         log_file.close()
     if world > 1:  # no rank returns before rank 0's checkpoint and ema/ are written (a resume reads them)
         dist.barrier()
+    if run_lock is not None:
+        run_lock.close()
     if stop.signum is not None:
         raise stop.interrupted(step, cfg.steps, ckpt_path)
     return ema

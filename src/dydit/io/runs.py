@@ -80,6 +80,25 @@ def prepare_run_folder(out, resume: bool, checkpoint: str = CHECKPOINT) -> Path 
     return ckpt if resume else None
 
 
+LOCK_NAME = ".dydit.lock"
+
+
+def hold_run_lock(out):
+    """An exclusive lock on the run folder for as long as the returned file stays open (the OS drops it when
+    the process ends, even by SIGKILL, so no stale lock survives). A second process training into the same
+    folder is refused instead of interleaving its checkpoints and log with this one's."""
+    import fcntl
+
+    f = open(Path(out) / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"{out} is in use by another dydit run (it holds {LOCK_NAME}); wait for it to finish, "
+                        "or choose another --out") from None
+    return f
+
+
 def trajectory_settings(cfg) -> dict:
     """The settings of ``cfg`` that define its trajectory, as the checkpoint stores them (JSON values)."""
     args = json.loads(json.dumps(asdict(cfg), default=str))
