@@ -145,3 +145,19 @@ dydit bench engine --models DiT-B/2 --targets 0.5 --schedules 250 --batches 8 --
   --out docs/results/bench_engine_cpu_b2_250
 dydit bench engine --models DiT-XL/2 --targets 0.7,0.3 --schedules 50 --batches 8 --timed-steps 3 --repeats 3 \
   --out docs/results/bench_engine_cpu_xl2_more
+
+# 7. Issue 19 (memory, bf16, end to end). One model and batch per process, so each peak is its own:
+#    peak memory = model tensors + the allocation timeline's peak of one pass (profiler), per side.
+for m in DiT-S/2 DiT-B/2 DiT-XL/2; do
+  steps=5; [ $m = DiT-XL/2 ] && steps=2
+  tag=$(echo $m | tr -d '/-' | tr 'A-Z' 'a-z')
+  for b in 1 8; do
+    dydit bench engine --models $m --targets 0.5 --schedules 50 --batches $b --timed-steps $steps --repeats 3 \
+      --out docs/results/b2_mem_${tag}_b$b
+  done
+done
+dydit bench engine --models DiT-S/2,DiT-B/2 --targets 0.5 --schedules 50 --batches 8 --timed-steps 5 --repeats 3 \
+  --dtype bf16 --out docs/results/b2_bf16
+# the embedded λ=0.5 model end to end (as dydit eval samples: DDIM 20, CFG 4, batch 64), with a profile
+python3 scripts/profile_embedded.py --out docs/results/profile_embedded
+python3 scripts/profile_embedded.py --dtype bf16 --out docs/results/profile_embedded_bf16

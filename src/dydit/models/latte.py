@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dydit.models.dit import DiTBlock, FinalLayer
+from dydit.models.dit import _SIZES as DIT_SIZES, DiTBlock, FinalLayer
 from dydit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, _1d_sincos, get_2d_sincos_pos_embed
 
 
@@ -218,12 +218,7 @@ class Latte(nn.Module):
 #                                  Latte Configs                                #
 #################################################################################
 
-_SIZES = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
+_SIZES = DIT_SIZES  # Latte's published S/B/L/XL are DiT's depths, widths and head counts
 
 
 def _published(size: str, patch: int, **overrides) -> LatteConfig:
