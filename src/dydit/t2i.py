@@ -106,6 +106,12 @@ class TextFlowObjective:
         self.p = patch_size(model)
         self.caption_dropout = caption_dropout
 
+    def set_token_geometry(self, model, canvas: int = CANVAS):
+        """Tells DyFLUX's FLOPs counter this model's (image, text) token counts before its first call."""
+        from dydit.dynamic.backbones.flux import set_token_geometry
+
+        set_token_geometry(getattr(model, "module", model), (canvas // self.p) ** 2, self.table.num_tokens)
+
     def sample_t(self, batch_size, device, generator=None, stratified: bool = False, strata: int = 4):
         """σ ~ U(0, 1); stratified: the batch split into ``strata`` groups covering the quarters in order."""
         u = torch.rand(batch_size, generator=generator)
