@@ -106,6 +106,13 @@ class TextFlowObjective:
         self.p = patch_size(model)
         self.caption_dropout = caption_dropout
 
+    @staticmethod
+    def make_dataset(cfg):
+        """The training set: Captioned Fashion-MNIST (``cfg.data``: the Fashion-MNIST IDX folder)."""
+        from dydit.data.captioned_fmnist import CaptionedFashionMNIST
+
+        return CaptionedFashionMNIST("train", cfg.data, seed=cfg.seed, limit=cfg.limit_data)
+
     def set_token_geometry(self, model, canvas: int = CANVAS):
         """Tells DyFLUX's FLOPs counter this model's (image, text) token counts before its first call."""
         from dydit.dynamic.backbones.flux import set_token_geometry
@@ -145,9 +152,7 @@ class TextToImageTask:
         self.objective = TextFlowObjective(model, caption_dropout)
 
     def make_dataset(self, cfg):
-        from dydit.data.captioned_fmnist import CaptionedFashionMNIST
-
-        return CaptionedFashionMNIST("train", cfg.data, seed=cfg.seed, limit=cfg.limit_data)
+        return self.objective.make_dataset(cfg)
 
     def loss(self, model, x, y, step, gen):
         sigma = self.objective.sample_t(len(x), x.device, generator=gen)

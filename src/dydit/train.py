@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         log.info("resumed from %s at step %d", ckpt_path, start_step)
 
     if dataset is None and hasattr(task, "make_dataset"):  # e.g. text-to-image: Captioned Fashion-MNIST
-        dataset = task.make_dataset(cfg)
+        dataset = task.make_dataset(cfg)  # None: the model's default below
     if dataset is None:
         from dydit.data import FashionMNIST, ImageFolder, LatentCache, is_image_folder
 

@@ -204,6 +204,10 @@ class FinetuneTask:
             ref = self.teacher(xt, mt, y, force_drop_ids=drop) if drop is not None else self.teacher(xt, mt, y)
         return ((out.float() - ref.float()) ** 2).mean()
 
+    def make_dataset(self, cfg):
+        """Text-to-image models train on their captioned set; None: the loop's default for the model."""
+        return self.text.make_dataset(cfg) if self.text is not None else None
+
     def target_at(self, step: int) -> float:
         """λ_t of the FLOPs loss: the ramp, corrected by the inference-ratio feedback."""
         return min(1.0, max(0.02, target_at(step, self.cfg.target, self.cfg.ramp_steps) - self.offset))
