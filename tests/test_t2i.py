@@ -236,3 +236,17 @@ def test_metrics_score_real_captioned_images_and_punish_wrong_captions(tmp_path)
     assert score_captioned(x, wrong_class, fid=False)["class_acc"] < 0.1
     with pytest.raises(ValueError, match="empty caption"):
         score_captioned(x[:1], torch.tensor([NULL_CAPTION]), fid=False)
+
+
+def test_dydit_eval_scores_a_dyflux_folder(tmp_path):
+    model = _scrambled_dyflux()
+    model.save_pretrained(tmp_path / "dyflux")
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--steps", "2",
+                                 "--batch-size", "8", "--cache-dir", str(tmp_path), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert {"class_acc", "position_acc", "brightness_acc", "all_acc", "crop_fid", "s_per_image"} <= set(res)
+    assert res["num_samples"] == 8 and 0 < res["flops_ratio"] < 1
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--fbcache", "0.1"])
+    assert r.exit_code == 1 and "not available for text-to-image" in r.output
