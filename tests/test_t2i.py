@@ -250,3 +250,21 @@ def test_dydit_eval_scores_a_dyflux_folder(tmp_path):
     assert res["num_samples"] == 8 and 0 < res["flops_ratio"] < 1
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--fbcache", "0.1"])
     assert r.exit_code == 1 and "not available for text-to-image" in r.output
+
+
+def test_bench_compare_scores_static_and_dyflux_rows_on_b5(tmp_path):
+    from dydit.bench_compare import Row, run_compare
+
+    torch.manual_seed(0)
+    build_model("FLUX-Tiny").save_pretrained(tmp_path / "static")
+    _scrambled_dyflux().save_pretrained(tmp_path / "dyflux")
+    rows = [Row("static", str(tmp_path / "static")), Row("static, 1 step", str(tmp_path / "static"), steps=1),
+            Row("DyFLUX", str(tmp_path / "dyflux"))]
+    table = run_compare(rows, num_samples=8, sampler=None, steps=2, cfg_scale=2.0, seed=0, batch_size=8,
+                        out=str(tmp_path / "b5"), cache_dir=tmp_path, timing_repeats=1)
+    assert "crop FID" in table and "position" in table and "DyFLUX" in table
+    res = json.loads((tmp_path / "b5.json").read_text())
+    assert [r["name"] for r in res] == ["static", "static, 1 step", "DyFLUX"]
+    assert res[0]["flops_ratio"] == 1.0 and res[2]["flops_ratio"] < 1.0
+    assert all(r["s_per_image"] > 0 and 0 <= r["all_acc"] <= 1 for r in res)
+    assert (tmp_path / "b5.png").exists()
