@@ -7,8 +7,8 @@
 #   20 steps: 100 s wall (5.0 s/step, 6.3 images/s; steps ran 2.5-11 s as the load varied), 85 s CPU
 #   (user) for the whole process; the losses equal an earlier identical run's bit for bit.
 # A fine-tune step (routers, masked training forward) cost about the same (10 steps at batch 32: ~8 s/step).
-# So, on this shared 2-core CPU, per 1,000 steps at batch 64: ~2.8 h (≈ 10 s/step, twice batch 32). Step 1 (3,000 steps) ~8.5, step 2
-# (450 steps = 15% of the base's iterations) ~1.3 plus its feedback/calibration sampling; step 4 samples
+# So, on this shared 2-core CPU, per 1,000 steps at batch 64: ~2.8 h (≈ 10 s/step, twice batch 32). Step 1 (3,000 steps) ~8.5 h, step 2
+# (450 steps = 15% of the base's iterations) ~1.3 h plus its feedback/calibration sampling; step 4 samples
 # 400 images × 25 steps × 2 (CFG) per row. An idle machine or a GPU (`--bf16`) is several times faster.
 set -euo pipefail
 cd "$(dirname "$0")/.."

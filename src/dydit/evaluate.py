@@ -280,9 +280,9 @@ def _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, se
     if fbcache is not None or adapters:
         raise ValueError("--fbcache and --adapters are not available for text-to-image models")
     if getattr(model, "dynamic_config", None) is not None:
-        from dydit.t2i import TextFlowObjective
+        from dydit.t2i import set_t2i_token_geometry
 
-        TextFlowObjective(model).set_token_geometry(model)
+        set_t2i_token_geometry(model)
     result = evaluate_t2i(model.eval(), num_samples, steps=steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn,
                           batch_size=batch_size, data=data, cache_dir=cache_dir)
     if getattr(model, "dynamic_config", None) is not None:

@@ -91,6 +91,15 @@ def velocity(model, tokens, sigma, states, pooled, p: int, canvas: int, dyn=None
     return model(**kwargs)[0]
 
 
+def set_t2i_token_geometry(model, canvas: int = CANVAS, table=None):
+    """Tells DyFLUX's FLOPs counter this model's (image, text) token counts on the canvas before its first call."""
+    from dydit.dynamic.backbones.flux import set_token_geometry
+    from dydit.text import caption_table
+
+    p = patch_size(model)
+    set_token_geometry(getattr(model, "module", model), (canvas // p) ** 2, (table or caption_table()).num_tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # the objective (shared by training and fine-tuning)
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +123,7 @@ class TextFlowObjective:
         return CaptionedFashionMNIST("train", cfg.data, seed=cfg.seed, limit=cfg.limit_data)
 
     def set_token_geometry(self, model, canvas: int = CANVAS):
-        """Tells DyFLUX's FLOPs counter this model's (image, text) token counts before its first call."""
-        from dydit.dynamic.backbones.flux import set_token_geometry
-
-        set_token_geometry(getattr(model, "module", model), (canvas // self.p) ** 2, self.table.num_tokens)
+        set_t2i_token_geometry(model, canvas, self.table)
 
     def sample_t(self, batch_size, device, generator=None, stratified: bool = False, strata: int = 4):
         """σ ~ U(0, 1); stratified: the batch split into ``strata`` groups covering the quarters in order."""

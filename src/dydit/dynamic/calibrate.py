@@ -47,7 +47,8 @@ def _bias_params(model, knob: str):
             ts = block.token_selection  # DyDiT's MLP router, or DyFLUX's text-aware one (a single Linear)
             out.append(ts.router.bias if isinstance(ts, TextAwareTokenRouter) else ts.mlp_head[2].bias)
         elif knob == "width":
-            out += [r.router.bias for r in (block.attn_rate, block.mlp_rate, block.block_gate) if r is not None]
+            rates = (block.attn_rate, block.mlp_rate, getattr(block, "mlp_context_rate", None), block.block_gate)
+            out += [r.router.bias for r in rates if r is not None]  # mlp_context_rate: DyFLUX's optional text MLP
     return out
 
 
