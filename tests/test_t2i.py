@@ -185,6 +185,28 @@ def test_distillation_is_refused_for_text_to_image_in_one_line():
 # ---- sampling ----
 
 
+def test_sampler_steps_are_flux_pipelines_euler_scheduler():
+    """sample_captions is FluxPipeline's loop (σ = linspace(1, 1/N, N), FlowMatchEulerDiscreteScheduler, no
+    shift) with the velocity of a fixed model: the two give the same images."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dydit.t2i import velocity
+
+    model = _scrambled_dyflux()
+    ids, steps = torch.tensor([5]), 4
+    ours = sample_captions(model, ids, steps=steps, cfg_scale=1.0, seed=0, dyn="complete")
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+    x = pack(torch.randn(1, 1, CANVAS, CANVAS, generator=torch.Generator().manual_seed(0)), 4)
+    states, pooled = CaptionTable.load().lookup(ids)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v = velocity(model, x, t / 1000, states, pooled, 4, CANVAS, dyn="complete")
+            x = sched.step(v, t, x).prev_sample
+    assert (unpack(x, 4, CANVAS, CANVAS).clamp(-1, 1) - ours).abs().max() < 1e-5
+
+
 def _scrambled_dyflux():
     torch.manual_seed(0)
     model = build_model("FLUX-Tiny")
