@@ -40,12 +40,12 @@ class GlobalNoiseTask(StaticTask):
         return loss, {"loss": loss.item(), "mse": terms["mse"].mean().item()}
 
 
-def run(out: str, steps: int, batch_size: int) -> tuple[list[float], dict]:
-    """Trains; returns (per-step loss averaged over ranks, final model state)."""
+def run(out: str, steps: int, batch_size: int, **config) -> tuple[list[float], dict]:
+    """Trains (``config``: more TrainConfig fields); returns (per-step loss averaged over ranks, final model state)."""
     # No label dropout: it draws from the global RNG, which train() seeds per rank.
     model = tiny_model(class_dropout_prob=0.0)
-    cfg = TrainConfig(out=out, steps=steps, batch_size=batch_size, limit_data=256, log_every=1, ckpt_every=steps,
-                      sample_every=0, warmup_steps=0, threads=1, seed=0)
+    cfg = TrainConfig(**{**dict(out=out, steps=steps, batch_size=batch_size, limit_data=256, log_every=1,
+                                ckpt_every=steps, sample_every=0, warmup_steps=0, threads=1, seed=0), **config})
     task = GlobalNoiseTask(model, batch_size, cfg.seed)
     train(cfg, model=model, task=task, progress=False)
     losses = torch.tensor(task.losses, dtype=torch.float64)

@@ -31,13 +31,19 @@ def finetune(
     seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
     peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
     data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt (refused if the recipe or data "
+                                "differ from the run's)"),
+    resume_with_changes: bool = typer.Option(False, help="with --resume: continue even though settings that "
+                                             "define the trajectory changed (deliberately)"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run, at a checkpoint "
+                                             "(SIGINT/SIGTERM also stop at one)"),
     ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
     sample_every: int = typer.Option(0, help="sample grid every N steps (0: off)"),
     limit_data: Optional[int] = typer.Option(None, help="use only the first N images"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     bf16: bool = typer.Option(False, help="bf16 autocast"),
+    parallel: str = typer.Option("ddp", help="under torchrun: ddp (replicas), or fsdp (FSDP2: weights, gradients "
+                                 "and optimizer sharded; checkpoint.dcp/)"),
 ):
     """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP).
 
@@ -61,7 +67,8 @@ def finetune(
     try:
         result = run_finetune(init, out, resolved, data=data, resume=resume, stop_after=stop_after,
                               ckpt_every=ckpt_every, sample_every=sample_every, limit_data=limit_data,
-                              threads=threads, bf16=bf16)
+                              threads=threads, bf16=bf16, resume_with_changes=resume_with_changes,
+                              parallel=parallel)
     except ValueError as e:
         _fail(e)
     if result.calibration is not None:
@@ -72,7 +79,8 @@ def finetune(
         from dydit.train import dist_info
 
         if dist_info()[0] == 0:  # the other DDP ranks never finish: rank 0 saves
-            typer.echo(f"stopped before the last step; {out}/checkpoint.pt continues with --resume")
+            ckpt = "checkpoint.dcp" if parallel == "fsdp" else "checkpoint.pt"
+            typer.echo(f"stopped before the last step; {out}/{ckpt} continues with --resume")
         return
     if resolved.peft.method != "none":
         typer.echo(f"adapters + routers: {result.weights} (apply to {init} with dydit.peft.load_adapters)")
@@ -135,7 +143,8 @@ def calibrate(
     sampler: Optional[str] = typer.Option(None, help="sampler you will run (its timesteps and trajectory "
                                           "matter; default ddim, or euler for flow models)"),
     steps: int = typer.Option(20, help="sampling steps"),
-    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale you will sample with (4.0, as the shipped models "
+                                    "were calibrated; sample and eval default to the DiT paper's 1.5)"),
     num_images: int = typer.Option(100, help="images sampled per measurement (class-balanced)"),
     tol: float = typer.Option(0.005, help="stop when |realised − λ| ≤ tol"),
     knob: Optional[str] = typer.Option(None, help="tokens or width (default: tokens when the model has them)"),
@@ -144,17 +153,26 @@ def calibrate(
     """Shift a DyDiT's router thresholds so that it realises λ on your sampler (run by finetune already)."""
     import dydit
     from dydit.dynamic.calibrate import calibrate as run_calibration
-    from dydit.sampling import default_sampler
+    from dydit.errors import UserError, check_count, check_finite
+    from dydit.sampling import SAMPLERS, default_sampler
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
+    check_finite("--target", target)
+    check_finite("--tol", tol)
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     model = dydit.load(checkpoint)
+    if sampler is not None and sampler not in SAMPLERS.get(model.config.objective, (sampler,)):
+        raise UserError(f"--sampler {sampler!r} cannot sample {checkpoint}, a {model.config.objective} model; "
+                        f"choose one of {', '.join(SAMPLERS[model.config.objective])}")
     factory = None
     if adapters:
         from dydit.peft.td_lora import load_adapters, read_adapter_config, save_adapters
         from dydit.peft import td_lora_fast_context as factory
 
         model = load_adapters(model, adapters)
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise typer.BadParameter("--out must differ from CHECKPOINT: the input is kept as it is")
     try:
         result = run_calibration(model, target, sampler or default_sampler(model), steps, cfg_scale, num_images,
                                  tol=tol, seed=seed, knob=knob, context_factory=factory, log=typer.echo)
@@ -200,7 +218,9 @@ def _time_interleaved(runs: dict, repeats: int) -> dict:
 def demo(
     out: str = typer.Option("demo", help="folder for the grids and the summary"),
     steps: int = typer.Option(25, help="DDIM steps"),
-    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the scale the shipped "
+                                    "models are tuned and benchmarked at; sample and eval default to the DiT "
+                                    "paper's 1.5)"),
     per_class: int = typer.Option(8, help="samples per class in each grid"),
     seed: int = typer.Option(0, help="seed (same noise for every model)"),
     repeats: int = typer.Option(3, help="timed repeats (median)"),
@@ -216,11 +236,16 @@ def demo(
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
     from dydit.sampling import sample
+    from dydit.errors import check_count, check_finite, check_writable_folder
     from dydit.viz import save_grid
+    from tqdm.auto import tqdm
 
+    for option, value in (("--steps", steps), ("--per-class", per_class), ("--repeats", repeats)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     console = Console()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir)
     models = [("static", default_model_path())]
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
@@ -233,12 +258,19 @@ def demo(
     for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
         table.add_column(col)
     summary = []
-    with console.status("sampling..."):
+    # every model: a warm-up run, `repeats` timed runs and the run whose grid is kept
+    with tqdm(total=len(models) * (repeats + 2) * steps, desc=f"sampling {len(models)} models, {repeats} timed "
+              "rounds", unit="step", dynamic_ncols=True) as bar:
         loaded = {name: dydit.load(path) for name, path in models}
+
+        def progress(step_iter):
+            for step in step_iter:
+                yield step
+                bar.update(1)
 
         def run(model):  # one full sampling run on the model's inference engine
             ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
-            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx), ctx
+            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx, progress=progress), ctx
 
         seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
         base_time = seconds["static"] / len(labels)
@@ -265,7 +297,8 @@ def plan(
     out: str = typer.Option("plan", help="folder for plan.md and plan.png"),
     sampler: str = typer.Option("ddim", help="sampler whose timesteps define the plan"),
     steps: int = typer.Option(25, help="sampling steps"),
-    cfg_scale: float = typer.Option(4.0, help="guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="guidance scale (4.0, as demo and bench; sample and eval default to "
+                                    "the DiT paper's 1.5)"),
     num_images: int = typer.Option(20, help="images sampled to measure token shares"),
     seed: int = typer.Option(0, help="seed"),
     object_threshold: float = typer.Option(0.1, help="a patch of the final image is 'object' when its mean "
@@ -280,8 +313,12 @@ def plan(
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
     from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
+    from dydit.errors import check_count, check_finite
     from dydit.sampling import sample
 
+    for option, value in (("--steps", steps), ("--num-images", num_images)):
+        check_count(option, value, allow_none=False)
+    check_finite("--cfg-scale", cfg_scale)
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
@@ -334,6 +371,13 @@ def bench_engine_cmd(
     from tqdm.auto import tqdm
 
     from dydit.bench import bench_engine, result_dicts, results_table
+    from dydit.errors import UserError, check_count, check_device
+
+    check_count("--timed-steps", timed_steps, allow_none=False)
+    check_count("--repeats", repeats, allow_none=False)
+    check_device(device)
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got {dtype!r}")
 
     combos = [(m, float(t), int(s), int(b)) for m in models.split(",") for t in targets.split(",")
               for s in schedules.split(",") for b in batches.split(",")]
@@ -391,7 +435,8 @@ def bench_compare_cmd(
     num_samples: int = typer.Option(5000, help="samples per row (class-balanced)"),
     sampler: str = typer.Option("ddim", help="sampler of every row"),
     steps: int = typer.Option(25, help="sampling steps (rows may override)"),
-    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the shipped results' setting; "
+                                    "sample and eval default to the DiT paper's 1.5)"),
     seed: int = typer.Option(0, help="seed of the noise (same for every row)"),
     batch_size: int = typer.Option(500, help="sampling batch size"),
     fbcache: float = typer.Option(0.1, help="First-Block-Cache threshold of the caching rows"),
@@ -411,6 +456,12 @@ def bench_compare_cmd(
 
     from dydit.bench_compare import default_rows, parse_row, run_compare
 
+    from dydit.errors import check_count, check_finite
+
+    for option, value in (("--num-samples", num_samples), ("--steps", steps), ("--batch-size", batch_size),
+                          ("--threads", threads)):
+        check_count(option, value)
+    check_finite("--cfg-scale", cfg_scale)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)

@@ -48,7 +48,9 @@ def sample_command(
     sampler: Optional[str] = typer.Option(
         None, help="diffusion: ddpm, ddim, dpm++2m; flow: euler, heun, em (default: ddim or euler)"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: 250 for ddpm, 25 otherwise)"),
-    cfg_scale: float = typer.Option(1.5, help="classifier-free guidance scale (1: off)"),
+    cfg_scale: float = typer.Option(1.5, help="classifier-free guidance scale (1: off). 1.5 is the DiT paper's "
+                                    "FID setting (sample, eval); demo, bench and calibration use 4.0, the scale the "
+                                    "Fashion-MNIST models are tuned and benchmarked at"),
     guide_all_channels: bool = typer.Option(
         False, help="guide every predicted channel instead of DiT's first three (flow models always guide all)"),
     seed: int = typer.Option(0, help="seed of the noise"),
@@ -56,6 +58,7 @@ def sample_command(
     out: Optional[str] = typer.Option("samples.png", help="grid image to write ('' to skip)"),
     npz: Optional[str] = typer.Option(None, help="also write uint8 images (arr_0, N×H×W×3) and labels (arr_1)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     model_name: Optional[str] = typer.Option(None, help="registry name (e.g. DiT-XL/2) for official .pt files, "
                                              "which do not record their head count"),
     objective: Optional[str] = typer.Option(None, help="diffusion or flow, for official .pt files (SiT: flow)"),
@@ -63,6 +66,10 @@ def sample_command(
                                "masked reference), complete (routers off: the full-width model)"),
     fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): reuse the "
                                             "other blocks' output while the first block's changes stay below it"),
+    num_samples: Optional[int] = typer.Option(
+        None, help="write exactly this many class-balanced samples (labels cycle through --classes) to --npz, in "
+        "shards of --batch-size: under torchrun the processes share the work, the result does not depend on their "
+        "number, and a rerun resumes from the finished shards in NPZ.parts/"),
 ):
     """Sample class-conditional images; write a grid PNG and optionally an ADM-style .npz."""
     import numpy as np
@@ -84,6 +91,23 @@ def sample_command(
     if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif"):
         raise typer.BadParameter(f"--out {out}: the grid is written as an image; give a .png or .jpg path "
                                  "(.gif for video models; '' to skip the grid)")
+    from dydit.errors import check_count, check_device, check_output_file
+
+    check_count("--threads", threads)
+    check_device(device)
+    if out:
+        check_output_file(out, "--out")
+    if npz:
+        check_output_file(npz, "--npz")
+    if threads:
+        torch.set_num_threads(threads)
+    if num_samples is not None:
+        if num_samples < 1 or not npz or num_per_class is not None:
+            raise typer.BadParameter("--num-samples needs a count >= 1 and --npz (where the samples go), and "
+                                     "replaces --num-per-class")
+        from dydit.sample_shards import init_processes
+
+        rank, world = init_processes()
     try:
         path = Path(checkpoint) if checkpoint else _default_checkpoint()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -124,33 +148,50 @@ def sample_command(
 
         batches = range(0, len(labels), batch_size)
         bar = tqdm(total=len(batches) * num_steps, desc=f"sampling ({method}, {num_steps} steps)", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=num_samples is not None and rank != 0)
 
         def progress(step_iter):
             for s in step_iter:
                 yield s
                 bar.update(1)
 
-        images = []
-        for b, i in enumerate(batches):
+        def draw(batch_labels, batch_seed):  # one sampling batch -> uint8 (B, H, W, C)
             kwargs = dict(method=method, num_steps=num_steps, cfg_scale=cfg_scale, guided_channels=guided,
-                          seed=seed * 100_003 + b, progress=progress, dyn=dyn)
+                          seed=batch_seed, progress=progress, dyn=dyn)
             if cache is not None:
                 cache.start()  # a new sampling run: nothing carries over from the last batch
                 with cached(model, cache):
-                    x = sample(model, labels[i : i + batch_size], **kwargs)
+                    x = sample(model, batch_labels, **kwargs)
             else:
-                x = sample(model, labels[i : i + batch_size], **kwargs)
+                x = sample(model, batch_labels, **kwargs)
             if vae is not None:
                 x = vae.decode(x)
             if video:  # (B, F, C, H, W) -> uint8 (B, F, H, W, C)
                 frames = to_uint8_images(x.flatten(0, 1), pad=cfg.pixel_pad)
-                images.append(frames.reshape(x.shape[0], x.shape[1], *frames.shape[1:]))
-            else:
-                images.append(to_uint8_images(x, pad=cfg.pixel_pad))  # (B, H, W, C)
+                return frames.reshape(x.shape[0], x.shape[1], *frames.shape[1:])
+            return to_uint8_images(x, pad=cfg.pixel_pad)  # (B, H, W, C)
+
+        if num_samples is not None:  # sharded over torchrun processes, resumable (dydit.sample_shards)
+            from dydit.sample_shards import run_sample_command
+
+            if video:
+                raise ValueError("--num-samples writes images in the ADM layout; video models sample with "
+                                 "--num-per-class")
+            settings = dict(sampler=method, steps=num_steps, cfg_scale=cfg_scale,
+                            guided_channels=guided, engine=engine, fbcache=fbcache, vae=cfg.vae)
+            bar.reset(total=math.ceil(math.ceil(num_samples / batch_size) / world) * num_steps)  # this process's share
+            run_sample_command(model, npz, num_samples, batch_size, shown, seed, draw, settings, out,
+                               _grid_columns(len(shown), 4 * len(shown)), typer.echo)
+            bar.close()
+            return
+        images = []
+        for b, i in enumerate(batches):
+            images.append(draw(labels[i : i + batch_size], seed * 100_003 + b))
         bar.close()
     except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
+        from dydit.errors import one_line
+
+        typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(1)
 
     images = np.concatenate(images)  # (N, H, W, 1 or 3) uint8; videos (N, F, H, W, 1 or 3)

@@ -167,8 +167,13 @@ def load_npz_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
 
 @torch.no_grad()
 def generate_samples(model, num_samples: int, sampler: str | None = None, steps: int = 25, cfg_scale: float = 1.5,
-                     seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True):
-    """Class-balanced samples: returns (uint8 (N, H, W, C), labels (N,), sampling seconds)."""
+                     seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True, keep_dir=None):
+    """Class-balanced samples: returns (uint8 (N, H, W, C), labels (N,), sampling seconds).
+
+    ``keep_dir``: each finished batch is written there (atomically) and read back instead of resampled
+    when it exists, so an interrupted run resumes; the caller keys the folder by model and settings. The
+    last batch is always sampled, so that usage records (GMACs) come from this run.
+    """
     # Labels cycle through the classes (num_samples / num_classes each when divisible). All initial
     # noise comes from one generator, so deterministic samplers give the same images for any batch size.
     from dydit.sampling import sample
@@ -188,7 +193,17 @@ def generate_samples(model, num_samples: int, sampler: str | None = None, steps:
 
         batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch", dynamic_ncols=True)
     images, seconds = [], 0.0
+    last = len(range(0, num_samples, batch_size)) - 1
     for b, i in enumerate(batches):
+        kept = Path(keep_dir) / f"batch_{b:06d}.npz" if keep_dir is not None else None
+        if kept is not None and b != last and kept.exists():
+            try:
+                with np.load(kept) as f:
+                    images.append(f["images"])
+                    seconds += float(f["seconds"])
+                continue
+            except Exception as e:  # a damaged batch is sampled again
+                log.warning("resampling batch %d: %s is unreadable (%s)", b, kept, e)
         t0 = time.perf_counter()
         x = sample(model, labels[i : i + batch_size], method=sampler, num_steps=steps, cfg_scale=cfg_scale,
                    seed=seed * 100_003 + b, dyn=dyn, noise=noise[i : i + batch_size].to(device))
@@ -196,17 +211,27 @@ def generate_samples(model, num_samples: int, sampler: str | None = None, steps:
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         images.append(to_uint8_images(x, pad=cfg.pixel_pad))
+        if kept is not None and b != last:
+            from dydit.io.atomic import atomic_path
+
+            with atomic_path(kept) as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images[-1], seconds=np.float64(time.perf_counter() - t0))
     model.train(was_training)
     return np.concatenate(images), labels.numpy(), seconds
 
 
 def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, steps: int = 25,
                    cfg_scale: float = 1.5, seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True,
-                   classifier=None, reference=None, cache_dir=None, data: str | None = None) -> dict:
+                   classifier=None, reference=None, cache_dir=None, data: str | None = None, keep_dir=None) -> dict:
     """Samples ``num_samples`` class-balanced images and scores them (B1); see :func:`generate_samples`."""
     sampler = sampler or default_sampler(model)
+    if reference is None:  # the real images first: missing data fails before any sample is drawn
+        from dydit.classifier import load_classifier
+
+        classifier = classifier if classifier is not None else load_classifier()
+        reference = reference_statistics(classifier, data=data, cache_dir=cache_dir)
     images, labels, seconds = generate_samples(model, num_samples, sampler, steps, cfg_scale, seed, batch_size,
-                                               dyn=dyn, progress=progress)
+                                               dyn=dyn, progress=progress, keep_dir=keep_dir)
     scores = evaluate_images(images, labels, classifier=classifier, reference=reference, cache_dir=cache_dir,
                              data=data)
     return {
@@ -230,7 +255,7 @@ def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, s
 def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int = 25, cfg_scale: float = 1.5,
                         seed: int = 0, batch_size: int = 250, fbcache: float | None = None, adapters=None,
                         model_name=None, objective=None, data=None, cache_dir=None, device=None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, keep_dir=None) -> dict:
     """B1 for one checkpoint: FID (FMNIST classifier), conditional accuracy, s/image, realised GMACs.
 
     Dynamic checkpoints run on the fast engine; ``adapters`` applies TD-LoRA/LoRA adapters to the base
@@ -250,7 +275,7 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
                                         fbcache, adapters, data, cache_dir, dev)
     with wrap() as cache:
         result = evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
-                                data=data, cache_dir=cache_dir, progress=progress)
+                                data=data, cache_dir=cache_dir, progress=progress, keep_dir=keep_dir)
     spec, cfg_batches = flops_spec(model), 2 if cfg_scale != 1.0 else 1
     if cache is not None:
         from dydit.cache import cached_macs
@@ -296,6 +321,15 @@ def _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, se
     result["threads"] = torch.get_num_threads()
     result["batch_size"] = batch_size
     return result
+
+
+def batches_dir(path, settings: dict, adapters=None, cache_dir=None) -> Path:
+    """Where `dydit eval` keeps the finished sample batches of one model and settings (see generate_samples):
+    keyed like `bench compare`'s rows, by what the weights hold and every setting that changes a sample."""
+    from dydit.bench_compare import Row, row_key
+
+    key = row_key(Row("eval", str(path), fbcache=settings.get("fbcache"), adapters=adapters), settings)
+    return Path(cache_dir or default_cache_dir()) / "eval_batches" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def prepare_sampling(path, fbcache: float | None = None, adapters=None, steps: int = 25, model_name=None,

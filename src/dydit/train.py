@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dydit.io.atomic import atomic_torch_save
+from dydit.io.runs import model_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500  # write an EMA sample grid every N steps (0 disables)
     log_every: int = 25
-    resume: bool = False  # continue from OUT/checkpoint.pt if it exists
+    resume: bool = False  # continue from OUT/checkpoint.pt (an error if there is none)
+    resume_with_changes: bool = False  # resume even though trajectory settings differ from the checkpoint's
     init: str | None = None  # start from this checkpoint's weights (EMA) instead of random
     limit_data: int | None = None  # use only the first N training images (tests)
-    stop_after: int | None = None  # stop (as if killed) after this many steps in this run (tests)
+    stop_after: int | None = None  # stop after this many steps in this run, at a checkpoint
     threads: int | None = None  # torch CPU threads
+    parallel: str = "ddp"  # "ddp" (replicas), or "fsdp": FSDP2 shards weights, gradients, optimizer (dydit.fsdp)
     extra: dict = field(default_factory=dict)
 
 
@@ -107,6 +110,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     ema_params = dict(ema.named_parameters())
     for name, p in model.named_parameters():
         if p.requires_grad:
+            if hasattr(p, "full_tensor"):  # FSDP: the EMA is a full replica (dydit.fsdp)
+                p = p.full_tensor()
             ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
@@ -118,7 +123,7 @@ def save_training_checkpoint(path, model, ema, opt, step, cfg: TrainConfig, extr
         "ema": ema.state_dict(),
         "opt": opt.state_dict(),
         "step": step,
-        "config": model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config),  # diffusers: FLUX
+        "config": model_config_dict(model),
         "class": type(model).__name__,
         "dynamic": dyn.to_dict() if dyn is not None else None,
         "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -133,6 +138,18 @@ def load_training_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read training checkpoint ({e}); it is truncated or not a dydit checkpoint") from e
+
+
+def _save_checkpoint_or_explain(path, model, ema, opt, step, cfg, task, last_saved):
+    """save_training_checkpoint; a failed write says which checkpoint is still intact."""
+    from dydit.errors import WriteError
+    from dydit.io.runs import what_survives
+
+    extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
+    try:
+        save_training_checkpoint(path, model, ema, opt, step, cfg, extra=extra)
+    except WriteError as e:
+        raise WriteError(f"{e} at step {step}; {what_survives(path, last_saved)}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,14 +218,29 @@ def build_or_load_model(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool = True):
-    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run."""
+    """Runs (or resumes) training; returns the EMA model. ``model``/``task`` default to a static run.
+
+    It stops only at a checkpoint: at its last step, after ``stop_after`` steps, or on SIGINT/SIGTERM (then
+    it raises :class:`dydit.errors.Interrupted` once the checkpoint is written).
+    """
+    from dydit.io.runs import StopSignals, check_train_config
+
+    check_train_config(cfg)
+    with StopSignals() as stop:
+        return _train(cfg, model, task, dataset, progress, stop)
+
+
+def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
+    from dydit.io.runs import check_data_fits, check_resume, cut_log, prepare_run_folder
+
     rank, world = maybe_init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
+    sharded = cfg.parallel == "fsdp"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out, cfg.resume, checkpoint="checkpoint.dcp" if sharded else "checkpoint.pt")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.batch_size % world:
@@ -223,15 +255,22 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
     ema = deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    if sharded:  # before the optimizer: fully_shard replaces the parameters
+        from dydit import fsdp
+
+        fsdp.shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if hasattr(task, "configure_optimizer"):
         opt = task.configure_optimizer(model, cfg)
 
     start_step = 0
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
+    ckpt_path = fsdp.checkpoint_path(out) if sharded else out / "checkpoint.pt"
+    if cfg.resume and sharded:
+        start_step = _resume_sharded(out, model, ema, opt, task, cfg)
+    elif cfg.resume:
         ckpt = load_training_checkpoint(ckpt_path)
+        check_resume(ckpt, cfg, model, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -273,10 +312,11 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
                                   channels=mc.in_channels, seed=cfg.seed, limit=cfg.limit_data)
         else:
             dataset = FashionMNIST("train", cfg.data, pad=mc.pixel_pad, limit=cfg.limit_data)
+    check_data_fits(dataset, model)
     # FashionMNIST has no augmentation and its batch takes no step
     batch_takes_step = "step" in inspect.signature(dataset.batch).parameters
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=getattr(task, "find_unused_parameters", False),
@@ -287,11 +327,14 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    if rank == 0:
+        cut_log(out / "log.jsonl", start_step)  # lines past the checkpoint would repeat
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    last_saved = start_step if cfg.resume else None
     t_last, imgs_since = time.time(), 0
     step = start_step
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    while step < end:
+    while step < end and not stop.requested(world):
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, rank, world)
         x, y = dataset.batch(idx, step=step) if batch_takes_step else dataset.batch(idx)
         x, y = x.to(device), y.to(device)
@@ -306,6 +349,8 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over every shard
+            gnorm = gnorm.full_tensor()
         skipped = cfg.grad_skip > 0 and (not math.isfinite(gnorm.item()) or gnorm.item() > cfg.grad_skip)
         if not skipped:
             opt.step()
@@ -315,21 +360,29 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
             task.after_step(step, model, ema, logs)
         imgs_since += cfg.batch_size
         logs.update(step=step, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], skipped=bool(skipped))
+        if sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # every rank writes its shards
+            fsdp.save_checkpoint(out, model, ema, opt, step, _sharded_meta(model, cfg, task))
+            last_saved = step
         if rank == 0:
             if step % cfg.log_every == 0 or step == end:
                 now = time.time()
                 logs["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
                 t_last, imgs_since = now, 0
-                log_file.write(json.dumps(logs) + "\n")
-                log_file.flush()
+                _append_log(log_file, logs, ckpt_path, last_saved)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(task.progress_fields(logs))
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                extra = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
-                save_training_checkpoint(ckpt_path, model, ema, opt, step, cfg, extra=extra)
+            if not sharded and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+                _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+                last_saved = step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 write_sample_grid(ema, out / f"samples_{step:07d}.png", task)
+    if sharded and step != last_saved and step > start_step:  # stop_after or a signal: every rank writes its shards
+        fsdp.save_checkpoint(out, model, ema, opt, step, _sharded_meta(model, cfg, task))
+        last_saved = step
+    if rank == 0 and step != last_saved and step > start_step:  # stop_after or a signal: stop at a checkpoint
+        _save_checkpoint_or_explain(ckpt_path, model, ema, opt, step, cfg, task, last_saved)
+        last_saved = step
     if rank == 0:
         summary = memory_summary(model, params, opt, device)
         summary.update(step=step, steps=cfg.steps)
@@ -348,7 +401,54 @@ def train(cfg: TrainConfig, model=None, task=None, dataset=None, progress: bool 
         bar.close()
     if log_file:
         log_file.close()
+    if world > 1:  # no rank returns before rank 0's checkpoint and ema/ are written (a resume reads them)
+        dist.barrier()
+    if stop.signum is not None:
+        raise stop.interrupted(step, cfg.steps, ckpt_path)
     return ema
+
+
+def _append_log(log_file, logs: dict, ckpt_path, last_saved):
+    try:
+        log_file.write(json.dumps(logs) + "\n")
+        log_file.flush()
+    except OSError as e:  # a full disk: say so, and what survives
+        from dydit.errors import write_error
+        from dydit.io.runs import what_survives
+
+        raise write_error(e, log_file.name, kept=what_survives(ckpt_path, last_saved)) from e
+
+
+def _sharded_meta(model, cfg: TrainConfig, task) -> dict:
+    from dydit.dynamic.engine import base_class
+
+    dyn = getattr(model, "dynamic_config", None)
+    return {"config": model_config_dict(model), "class": base_class(model).__name__,
+            "dynamic": dyn.to_dict() if dyn is not None else None,
+            "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
+            "task": task.state_dict() if hasattr(task, "state_dict") else None}
+
+
+def _resume_sharded(out: Path, model, ema, opt, task, cfg: TrainConfig) -> int:
+    from dydit import fsdp
+    from dydit.errors import UserError
+    from dydit.io.runs import check_resume
+
+    path = fsdp.find_checkpoint(out)
+    if path is None:
+        raise UserError(f"--resume: {out} holds no complete {fsdp.CHECKPOINT}; check --out, or drop --resume")
+    meta = fsdp.read_meta(path)
+    check_resume(meta, cfg, model, path)  # the same settings and architecture as the run it continues
+    fsdp.load_checkpoint(path, model, ema, opt)
+    if hasattr(task, "load_state_dict") and meta.get("task") is not None:
+        task.load_state_dict(meta["task"])
+    log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
+    return int(meta["step"])
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def memory_summary(model, params, opt, device) -> dict:
@@ -356,10 +456,9 @@ def memory_summary(model, params, opt, device) -> dict:
     peak seen (CUDA: max allocated; CPU: the process's peak resident set, which includes the data)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in params)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.ndim > 0)
+    weights = sum(_local_bytes(p) for p in model.parameters())  # FSDP: this process's shards
+    grads = sum(_local_bytes(p) for p in params)
+    state = sum(_local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
     else:

@@ -204,7 +204,12 @@ class DynamicContext:
     def prepare(self, model, process):
         """Precomputes the width plan for every timestep the sampler will visit."""
         if self.mode in ("fast", "auto") and hasattr(process, "sampling_timesteps"):
-            self.bind(model).plan.compute(model, process.sampling_timesteps())
+            binding = self.bind(model)
+            first = next(binding.blocks[0].parameters(), None) if binding.blocks else None
+            if first is not None and hasattr(first, "full_tensor"):  # a DTensor: sharded by FSDP
+                raise ValueError("this model's weights are FSDP-sharded; the plan and the fast engine need full "
+                                 "weights: sample from the gathered EMA that training returns, or its saved ema/ folder")
+            binding.plan.compute(model, process.sampling_timesteps())
 
 
 def default_context(model) -> DynamicContext:

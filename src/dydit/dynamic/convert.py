@@ -79,10 +79,12 @@ def copy_routers(src, dst):
     Fashion-MNIST fine-tune realised 0.60 with EMA routers, 0.48 with the live ones), so an EMA model
     takes the backbone's average but the live routers.
     """
+    from dydit.fsdp import copy_into, full_tensor
+
     live = dict(getattr(src, "module", src).named_parameters())
     for name, p in dst.named_parameters():
-        if _is_router_name(name) and name in live:
-            p.copy_(live[name].detach().to(p.device))
+        if _is_router_name(name) and name in live:  # either side may be FSDP-sharded (every rank calls this)
+            copy_into(p, full_tensor(live[name].detach()).to(p.device))
 
 
 @torch.no_grad()

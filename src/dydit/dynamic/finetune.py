@@ -225,7 +225,9 @@ class FinetuneTask:
         if group is not None and self.frozen(step):
             if group["lr_scale"] != 0.0:
                 inner = getattr(model, "module", model)
-                _time_embedder(ema).load_state_dict(_time_embedder(inner).state_dict())
+                from dydit.fsdp import full_state_dict
+
+                _time_embedder(ema).load_state_dict(full_state_dict(_time_embedder(inner)))
             group["lr_scale"] = 0.0
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
@@ -368,9 +370,11 @@ class FinetuneResult:
 
 def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_after: int | None = None,
              ckpt_every: int = 100, sample_every: int = 0, limit_data: int | None = None,
-             threads: int | None = None, bf16: bool = False, progress: bool = True) -> FinetuneResult:
+             threads: int | None = None, bf16: bool = False, progress: bool = True,
+             resume_with_changes: bool = False, parallel: str = "ddp") -> FinetuneResult:
     """Fine-tunes the static checkpoint ``init`` into a DyDiT under ``recipe`` (a Recipe, a name of
-    :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP.
+    :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP,
+    or FSDP with ``parallel="fsdp"`` (:mod:`dydit.fsdp`: sharded training state and ``checkpoint.dcp/``).
 
     Writes into ``out``: ``checkpoint.pt`` (resumable), ``log.jsonl``, ``finetune.json`` (recipe, task
     config, calibration) and ``ema/`` (the model: EMA backbone, live routers, calibrated, its config.json
@@ -381,16 +385,18 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
     from dydit.dynamic.config import DynamicConfig
     from dydit.dynamic.convert import copy_routers, dynamize
     from dydit.dynamic.recipe import Recipe, get_recipe
-    from dydit.train import TrainConfig, dist_info, train
+    from dydit.train import TrainConfig, maybe_init_distributed, train
 
     recipe = (recipe if isinstance(recipe, Recipe) else get_recipe(recipe)).validate()
     out = Path(out)
+    _check_run_options(out, resume, stop_after, ckpt_every, sample_every, limit_data, threads, parallel)
     # The routers that start random (the token routers' hidden layer) and the LoRA experts draw from torch's
     # global generator, which a fresh process seeds at random: seed it, so a run depends on the recipe only.
     torch.manual_seed(recipe.optim.seed)
     model = dydit.load(init)
     if getattr(model, "dynamic_config", None) is not None:
         raise ValueError(f"{init} is already a dynamic model; pass its static base")
+    _check_recipe_fits(recipe, model, init)
     prune_info = None
     if recipe.prune_static:
         from dydit.dynamic.prune import static_width_prune
@@ -422,7 +428,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
                      lr_schedule=o.lr_schedule, weight_decay=o.weight_decay, ema_decay=o.ema_decay,
                      grad_clip=o.grad_clip, grad_skip=o.grad_skip, bf16=bf16, seed=o.seed, ckpt_every=ckpt_every,
                      sample_every=sample_every, resume=resume, limit_data=limit_data, stop_after=stop_after,
-                     threads=threads,
+                     threads=threads, resume_with_changes=resume_with_changes, parallel=parallel,
                      extra={"finetune": ft.to_dict(), "init": str(init), "recipe": recipe.to_dict()})
     teacher = dydit.load(init) if recipe.distill.weight > 0 else None  # the static function, before pruning or routing
     task = FinetuneTask(model, ft, teacher=teacher)
@@ -436,7 +442,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
         summary.update(peft=peft.method, td_lora=lora_cfg.to_dict())
     if prune_info is not None:
         summary["prune_static"] = prune_info
-    rank = dist_info()[0]
+    rank = maybe_init_distributed()[0]  # under torchrun: join the group now, so only rank 0 writes below
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_summary(out, summary)
@@ -475,6 +481,41 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
     else:
         dydit.save(ema, out / "ema", extra_config={"recipe": recipe.to_dict()})
     return result
+
+
+def _check_run_options(out, resume, stop_after, ckpt_every, sample_every, limit_data, threads, parallel="ddp"):
+    """The options of how this machine runs the recipe, and the output folder, before anything is loaded."""
+    from dydit.errors import UserError, check_count
+    from dydit.io.runs import prepare_run_folder
+    from dydit.train import dist_info
+
+    check_count("--ckpt-every", ckpt_every, allow_none=False)
+    for option, value in (("--stop-after", stop_after), ("--limit-data", limit_data), ("--threads", threads)):
+        check_count(option, value)
+    if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 0:
+        raise UserError(f"--sample-every must be a whole number >= 0, got {sample_every!r}")
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"--parallel must be ddp or fsdp, got {parallel!r}")
+    if dist_info()[0] == 0:
+        prepare_run_folder(out, resume, checkpoint="checkpoint.dcp" if parallel == "fsdp" else "checkpoint.pt")
+
+
+def _check_recipe_fits(recipe, model, init):
+    """What the recipe asks of this model, checked before training (not after it, at calibration)."""
+    from dydit.errors import UserError
+    from dydit.sampling import SAMPLERS
+
+    from dydit.t2i import is_text_to_image
+
+    if is_text_to_image(model):  # sample_captions: Euler over σ only
+        if recipe.feedback.sampler not in (None, "euler"):
+            raise UserError(f"feedback.sampler {recipe.feedback.sampler!r} cannot sample {init}, a text-to-image "
+                            "model (Euler only); drop --set feedback.sampler or set it to euler")
+        return
+    sampler, objective = recipe.feedback.sampler, model.config.objective
+    if sampler is not None and sampler not in SAMPLERS.get(objective, (sampler,)):
+        raise UserError(f"feedback.sampler {sampler!r} cannot sample {init}, a {objective} model; choose one of "
+                        f"{', '.join(SAMPLERS[objective])} (--set feedback.sampler=...)")
 
 
 def _write_summary(out: Path, summary: dict):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -255,6 +256,12 @@ class Recipe:
         need(fb.every >= 0 and fb.images >= 1 and fb.steps >= 1,
              "feedback.every must be ≥ 0, feedback.images and feedback.steps ≥ 1")
         need(0.0 <= fb.gain <= 1.0, f"feedback.gain is a share in [0, 1], got {fb.gain}")
+        from dydit.sampling import SAMPLERS
+
+        known = [m for methods in SAMPLERS.values() for m in methods]
+        need(fb.sampler is None or fb.sampler in known, f"feedback.sampler {fb.sampler!r} is not a sampler; choose "
+                                                        f"one of {', '.join(known)} (or leave it unset)")
+        need(math.isfinite(fb.cfg) and fb.cfg >= 1.0, f"feedback.cfg must be a finite guidance scale >= 1, got {fb.cfg}")
         need(0.0 <= fr.routers <= 1.0, f"freeze.routers is a share of the steps in [0, 1], got {fr.routers}")
         need(not fr.time_embed or fr.routers > 0, "freeze.time_embed fixes the plan together with freeze.routers: "
                                                  "set freeze.routers > 0")

@@ -72,7 +72,10 @@ def load_native(folder, map_location="cpu"):
 
     folder = Path(folder)
     cfg = read_native_config(folder)
-    model = model_from_config(cfg.get("_class", "DiT"), cfg["model"])
+    try:
+        model = model_from_config(cfg.get("_class", "DiT"), cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
     if "dynamic" in cfg:
         from dydit.dynamic import DynamicConfig, dynamize
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 
+from dydit.models.inputs import check_inputs
 from dydit.models.layers import (
     Attention,
     LabelEmbedder,
@@ -75,7 +76,24 @@ class DiTConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown DiT config keys {sorted(unknown)}; is this a dydit config.json?")
+        _check_types(cls, d)
         return cls(**d)
+
+
+def _check_types(cls, d: dict):
+    """A config.json value of the wrong type (``"hidden_size": "128"``) is refused here, naming the key, not
+    deep inside a layer constructor."""
+    import typing
+
+    kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,), dict: (dict,), type(None): (type(None),)}
+    for key, tp in typing.get_type_hints(cls).items():
+        if key not in d:
+            continue
+        allowed = tuple(k for a in (typing.get_args(tp) or (tp,)) for k in kinds.get(a, (object,)))
+        v = d[key]
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            names = " or ".join(sorted({a.__name__.replace("NoneType", "null") for a in (typing.get_args(tp) or (tp,))}))
+            raise ValueError(f"config key {key!r} must be {names}, got {v!r} ({type(v).__name__}); fix config.json")
 
 
 class DiTBlock(nn.Module):
@@ -177,13 +195,7 @@ class DiT(nn.Module):
         ``force_drop_ids`` (B,), 1 = null label, replaces the random label dropout of training (the
         official DiT's LabelEmbedder argument).
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (B, {self.in_channels}, {self.config.input_size}, "
-                f"{self.config.input_size}), got {tuple(x.shape)}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = check_inputs(self.config, x, t, y)  # shapes, dtypes, batch agreement, label and t ranges
         tokens, c, _ = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
             tokens = block(tokens, c)

@@ -83,11 +83,12 @@ class DiTModelAdapter(ModelAdapter):
         return list(model.blocks)
 
     def router_input(self, model: DiT, args, kwargs):
+        from dydit.models.inputs import check_inputs
+
         x = args[0] if args else kwargs["x"]
         t = args[1] if len(args) > 1 else kwargs["t"]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        y = args[2] if len(args) > 2 else kwargs.get("y")
+        t = check_inputs(model.config, x, t, y)  # before the routers read t
         return t, model.t_embedder(t)
 
     def router_input_modules(self, model: DiT):
