@@ -272,6 +272,8 @@ def test_dydit_eval_scores_a_dyflux_folder(tmp_path):
     assert res["num_samples"] == 8 and 0 < res["flops_ratio"] < 1
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--fbcache", "0.1"])
     assert r.exit_code == 1 and "not available for text-to-image" in r.output
+    r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), "--out", str(tmp_path / "grid.png")])
+    assert r.exit_code == 1 and "is a text-to-image model" in r.output and "Traceback" not in r.output
 
 
 def test_bench_compare_scores_static_and_dyflux_rows_on_b5(tmp_path):
