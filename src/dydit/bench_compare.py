@@ -156,15 +156,23 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
             row.result["s_per_image_quality_pass"] = row.result["s_per_image"]
             row.result["s_per_image"] = t
     base = rows[0].result["s_per_image"]
-    lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
-             "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
+    text_to_image = "crop_fid" in rows[0].result  # B5 rows (FLUX-style models on Captioned Fashion-MNIST)
+    if text_to_image:
+        lines = ["| configuration | crop FID ↓ | class ↑ | position ↑ | brightness ↑ | all ↑ | GMACs/image | "
+                 "FLOPs ratio | s/image | speedup | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
+                 "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         res = r.result
-        lines.append(f"| {r.name} | {res['fid']:.2f} | {100 * res['cond_acc']:.1f}% | {res['gmacs_per_image']:.2f} | "
+        quality = (" | ".join([f"{res['crop_fid']:.2f}"] + [f"{100 * res[k]:.1f}%" for k in _T2I_ACCURACIES])
+                   if text_to_image else f"{res['fid']:.2f} | {100 * res['cond_acc']:.1f}%")
+        gmacs = res.get("gmacs_per_image")
+        lines.append(f"| {r.name} | {quality} | {'—' if gmacs is None else f'{gmacs:.3f}'} | "
                      f"{res['flops_ratio']:.3f} | {1e3 * res['s_per_image']:.2f} ms | "
                      f"{base / res['s_per_image']:.2f}× | {r.note} |")
     first = rows[0].result
-    header = (f"Samples: {num_samples} per row, {first['sampler']} {steps} steps (unless the row says "
+    header = (f"Samples: {num_samples} per row, {first.get('sampler', 'euler')} {steps} steps (unless the row says "
               f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
               f"{torch.get_num_threads()} threads, fp32. s/image: median of {timing_repeats} interleaved timing rounds of "
               f"one {batch_size}-image batch per row (quality pass times in the .json).\n\n")
@@ -177,13 +185,18 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
     return table
 
 
+_T2I_ACCURACIES = ("class_acc", "position_acc", "brightness_acc", "all_acc")
+
+
 def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float, seed: int, batch_size: int,
               repeats: int = 3) -> list[float]:
     """Median s/image of one ``batch_size`` sampling call per row, rows interleaved round-robin."""
     import torch
 
     from dydit.evaluate import prepare_sampling
+    from dydit.data.captioned_fmnist import balanced_caption_ids
     from dydit.sampling import default_sampler, sample
+    from dydit.t2i import is_text_to_image, sample_captions
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -191,8 +204,16 @@ def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float
     for row in rows:
         model, make_dyn, wrap = prepare_sampling(row.path, fbcache=row.fbcache, adapters=row.adapters,
                                                  steps=row.steps or steps, device=dev)
-        labels = torch.arange(batch_size, device=dev) % model.config.num_classes
         dyn = make_dyn()  # one context per row, reused like the quality pass reuses it across batches
+        if is_text_to_image(model):  # balanced captions, Euler over σ
+            ids = balanced_caption_ids(batch_size, seed)
+
+            def run(model=model, dyn=dyn, wrap=wrap, ids=ids, n=row.steps or steps):
+                with torch.no_grad(), wrap():
+                    sample_captions(model, ids, n, cfg_scale=cfg_scale, seed=seed, dyn=dyn)
+            runners.append(run)
+            continue
+        labels = torch.arange(batch_size, device=dev) % model.config.num_classes
         method = sampler or default_sampler(model)
 
         def run(model=model, dyn=dyn, wrap=wrap, labels=labels, n=row.steps or steps, method=method):
@@ -220,18 +241,23 @@ def plot(rows: list[Row], base_s: float, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "fid", "FID (FMNIST classifier) ↓"),
-                           (axes[1], "cond_acc", "conditional accuracy ↑")):
+    text_to_image = "crop_fid" in rows[0].result
+    panels = (((axes[0], "crop_fid", "crop FID (FMNIST classifier) ↓"), (axes[1], "all_acc", "all attributes right ↑"))
+              if text_to_image else ((axes[0], "fid", "FID (FMNIST classifier) ↓"),
+                                     (axes[1], "cond_acc", "conditional accuracy ↑")))
+    for ax, key, label in panels:
+        percent = key.endswith("_acc")
         for r in rows:
             x = base_s / r.result["s_per_image"]
-            y = r.result[key] * (100 if key == "cond_acc" else 1)
-            marker = "o" if "DyDiT" in r.name else ("s" if "FBCache" in r.name else "^")
+            y = r.result[key] * (100 if percent else 1)
+            marker = "o" if ("DyDiT" in r.name or "DyFLUX" in r.name) else ("s" if "FBCache" in r.name else "^")
             ax.scatter([x], [y], marker=marker, s=45)
             ax.annotate(r.name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel("measured speedup over static (s/image ratio)")
-        ax.set_ylabel(label + (" (%)" if key == "cond_acc" else ""))
+        ax.set_ylabel(label + (" (%)" if percent else ""))
         ax.grid(alpha=0.3)
-    fig.suptitle("B3: quality vs measured sampling time (Fashion-MNIST)")
+    fig.suptitle("B5: quality vs measured sampling time (Captioned Fashion-MNIST)" if text_to_image
+                 else "B3: quality vs measured sampling time (Fashion-MNIST)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

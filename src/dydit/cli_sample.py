@@ -112,6 +112,11 @@ def sample_command(
         path = Path(checkpoint) if checkpoint else _default_checkpoint()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = dydit.load(path, model_name=model_name, objective=objective).to(dev).eval()
+        from dydit.t2i import is_text_to_image
+
+        if is_text_to_image(model):  # captions, not class ids
+            raise ValueError(f"{path} is a text-to-image model: sample it with dydit.t2i.sample_captions "
+                             "(captioned grids: dydit.t2i.save_captioned_grid), score it with `dydit eval`")
         cfg = model.config
         shown = _parse_classes(classes) if classes else list(range(cfg.num_classes))
         bad = [c for c in shown if not 0 <= c < cfg.num_classes]

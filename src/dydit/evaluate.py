@@ -268,6 +268,11 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
     model, make_dyn, wrap = prepare_sampling(path, fbcache=fbcache, adapters=adapters, steps=steps,
                                              model_name=model_name, objective=objective, device=dev)
     dyn = make_dyn()
+    from dydit.t2i import is_text_to_image
+
+    if is_text_to_image(model):  # B5: GenEval-style adherence on Captioned Fashion-MNIST
+        return _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, seed, batch_size,
+                                        fbcache, adapters, data, cache_dir, dev)
     with wrap() as cache:
         result = evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
                                 data=data, cache_dir=cache_dir, progress=progress, keep_dir=keep_dir)
@@ -284,6 +289,34 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
         result.update(flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
                       gmacs_per_image=s["gmacs_per_image"])
     result["source"] = f"{path} + {adapters}" if adapters else str(path)
+    result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    result["threads"] = torch.get_num_threads()
+    result["batch_size"] = batch_size
+    return result
+
+
+def _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, seed, batch_size, fbcache,
+                             adapters, data, cache_dir, dev) -> dict:
+    """A text-to-image (FLUX-style) model: class/position/brightness accuracy, crop FID, s/image, FLOPs."""
+    from dydit.dynamic.flops import flops_spec
+    from dydit.dynamic.report import summarize
+    from dydit.t2i_metrics import evaluate_t2i
+
+    if fbcache is not None or adapters:
+        raise ValueError("--fbcache and --adapters are not available for text-to-image models")
+    if getattr(model, "dynamic_config", None) is not None:
+        from dydit.t2i import set_t2i_token_geometry
+
+        set_t2i_token_geometry(model)
+    result = evaluate_t2i(model.eval(), num_samples, steps=steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn,
+                          batch_size=batch_size, data=data, cache_dir=cache_dir)
+    if getattr(model, "dynamic_config", None) is not None:
+        s = summarize(dyn.usage, flops_spec(model), 2 if cfg_scale != 1.0 else 1, forwards=steps)
+        result.update(flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
+                      gmacs_per_image=s["gmacs_per_image"])
+    else:
+        result["flops_ratio"] = 1.0
+    result["source"] = str(path)
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     result["threads"] = torch.get_num_threads()
     result["batch_size"] = batch_size

@@ -22,7 +22,8 @@ SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": FLOW_SAMPLERS}
 
 def default_sampler(model) -> str:
     """``ddim`` for diffusion models, ``euler`` for flow models."""
-    return "ddim" if model.config.objective == "diffusion" else "euler"
+    # diffusers' FLUX has no objective field: a flow model (sampled by dydit.t2i.sample_captions)
+    return "ddim" if getattr(model.config, "objective", "flow") == "diffusion" else "euler"
 
 
 def make_process(model, method: str, num_steps: int):

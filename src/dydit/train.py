@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dydit.io.atomic import atomic_torch_save
+from dydit.io.runs import model_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def save_training_checkpoint(path, model, ema, opt, step, cfg: TrainConfig, extr
         "ema": ema.state_dict(),
         "opt": opt.state_dict(),
         "step": step,
-        "config": model.config.to_dict(),
+        "config": model_config_dict(model),
         "class": type(model).__name__,
         "dynamic": dyn.to_dict() if dyn is not None else None,
         "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -180,6 +181,13 @@ class StaticTask:
 
     def progress_fields(self, logs):
         return {"loss": f"{logs['loss']:.4f}"}
+
+
+def default_task(model):
+    """The task of a plain `dydit train`: the backbone's own loss, or the text-to-image one for FLUX."""
+    from dydit.t2i import TextToImageTask, is_text_to_image
+
+    return TextToImageTask(model) if is_text_to_image(model) else StaticTask(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
         model = build_or_load_model(cfg)
     model = model.to(device).train()
     if task is None:
-        task = StaticTask(model)
+        task = default_task(model)
     ema = deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -273,6 +281,8 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
         start_step = int(ckpt["step"])
         log.info("resumed from %s at step %d", ckpt_path, start_step)
 
+    if dataset is None and hasattr(task, "make_dataset"):  # e.g. text-to-image: Captioned Fashion-MNIST
+        dataset = task.make_dataset(cfg)  # None: the model's default below
     if dataset is None:
         from dydit.data import FashionMNIST, ImageFolder, LatentCache, is_image_folder
 
@@ -385,7 +395,10 @@ def _train(cfg: TrainConfig, model, task, dataset, progress: bool, stop):
     if rank == 0 and step == cfg.steps:
         from dydit.io.native import save
 
-        save(ema, out / "ema")
+        if hasattr(ema.config, "to_dict"):
+            save(ema, out / "ema")
+        else:  # a diffusers model (FLUX): its own folder format, which dydit.load reads
+            ema.save_pretrained(out / "ema")
     if bar is not None:
         bar.close()
     if log_file:
@@ -414,7 +427,7 @@ def _sharded_meta(model, cfg: TrainConfig, task) -> dict:
     from dydit.dynamic.engine import base_class
 
     dyn = getattr(model, "dynamic_config", None)
-    return {"config": model.config.to_dict(), "class": base_class(model).__name__,
+    return {"config": model_config_dict(model), "class": base_class(model).__name__,
             "dynamic": dyn.to_dict() if dyn is not None else None,
             "train_args": json.loads(json.dumps(asdict(cfg), default=str)),
             "task": task.state_dict() if hasattr(task, "state_dict") else None}
@@ -465,12 +478,15 @@ def memory_summary(model, params, opt, device) -> dict:
 def write_sample_grid(model, path, task=None, per_class: int = 4, steps: int = 25, cfg_scale: float = 3.0):
     """A grid with ``per_class`` rows of every class, sampled from ``model`` (usually the EMA)."""
     from dydit.sampling import default_sampler, sample
+    from dydit.t2i import is_text_to_image, write_captioned_grid
     from dydit.viz import save_grid
 
+    dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
+    if is_text_to_image(model):  # captions under the images
+        return write_captioned_grid(model, path, num=4 * per_class, steps=steps, cfg_scale=cfg_scale, dyn=dyn)
     n = model.config.num_classes
     labels = torch.arange(min(n, 10)).repeat(per_class)
     method = default_sampler(model)
-    dyn = task.sampling_context(model) if task is not None and hasattr(task, "sampling_context") else None
     x = sample(model, labels, method=method, num_steps=steps, cfg_scale=cfg_scale, seed=0, dyn=dyn)
     if x.ndim == 5:  # a video model: an animated GIF beside the PNG name
         from dydit.viz import save_video_grid

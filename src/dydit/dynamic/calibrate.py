@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dydit.dynamic.routers import TextAwareTokenRouter
+
 
 @dataclass
 class CalibrationResult:
@@ -42,9 +44,11 @@ def _bias_params(model, knob: str):
     out = []
     for block in routed_blocks(model):
         if knob == "tokens" and getattr(block, "token_selection", None) is not None:
-            out.append(block.token_selection.mlp_head[2].bias)
+            ts = block.token_selection  # DyDiT's MLP router, or DyFLUX's text-aware one (a single Linear)
+            out.append(ts.router.bias if isinstance(ts, TextAwareTokenRouter) else ts.mlp_head[2].bias)
         elif knob == "width":
-            out += [r.router.bias for r in (block.attn_rate, block.mlp_rate, block.block_gate) if r is not None]
+            rates = (block.attn_rate, block.mlp_rate, getattr(block, "mlp_context_rate", None), block.block_gate)
+            out += [r.router.bias for r in rates if r is not None]  # mlp_context_rate: DyFLUX's optional text MLP
     return out
 
 
@@ -58,9 +62,17 @@ def measure_ratio(model, sampler: str = "ddim", steps: int = 20, cfg_scale: floa
 
     ctx = context_factory(model) if context_factory else DynamicContext("fast", record_usage=True)
     ctx.record_usage = True
-    labels = torch.arange(num_images) % model.config.num_classes
+    from dydit.t2i import is_text_to_image
+
     with torch.no_grad():
-        sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+        if is_text_to_image(model):  # captions balanced over class, position and brightness; Euler over σ
+            from dydit.data.captioned_fmnist import balanced_caption_ids
+            from dydit.t2i import sample_captions
+
+            sample_captions(model, balanced_caption_ids(num_images, seed), steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
+        else:
+            labels = torch.arange(num_images) % model.config.num_classes
+            sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
     return summarize(ctx.usage, flops_spec(model), 2 if cfg_scale != 1.0 else 1)["flops_ratio"]
 
 

@@ -98,8 +98,19 @@ class FinetuneTask:
             self.teacher = teacher.eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        obj = model.config.objective
-        self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
+        from dydit.t2i import TextFlowObjective, is_text_to_image
+
+        # text-to-image (FLUX): the objective owns the conditioning (caption embeddings, caption dropout) and
+        # diffusers' flow-matching convention; the class-conditional backbones call model(x_t, t, y)
+        self.text = TextFlowObjective(model) if is_text_to_image(model) else None
+        if self.text is not None:
+            if cfg.distill > 0:
+                raise ValueError("distill is not supported for text-to-image models yet; set the distill weight to 0")
+            self.process = self.text
+            self.text.set_token_geometry(model)  # the FLOPs counter's token counts: this canvas and caption length
+        else:
+            obj = model.config.objective
+            self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
         self.spec = flops_spec(model)
         self.offset = 0.0  # inference ratio − training ratio, last measured
         self.inference_ratio = None
@@ -111,7 +122,7 @@ class FinetuneTask:
         rparams = [p for p in model.parameters() if p.requires_grad and id(p) in routers]
         scale = (self.cfg.router_lr / train_cfg.lr) if self.cfg.router_lr else 1.0
         inner = getattr(model, "module", model)
-        temb = {id(p) for p in inner.t_embedder.parameters()} if self.cfg.freeze_time_embed else set()
+        temb = {id(p) for p in _time_embedder(inner).parameters()} if self.cfg.freeze_time_embed else set()
         groups = [{"params": [p for p in base if id(p) not in temb], "lr_scale": 1.0},
                   {"params": [p for p in base if id(p) in temb], "lr_scale": 1.0, "name": "time_embed"},
                   {"params": rparams, "lr_scale": scale}]
@@ -126,6 +137,8 @@ class FinetuneTask:
         frozen = self.frozen(step)
         # frozen plan: the eval masks (no gradient reaches the routers), the backbone adapts to them
         ctx = DynamicContext("masked") if frozen else DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
+        if self.text is not None:
+            return self._text_loss(model, x, y, t, noise, ctx, step, frozen)
         seen, drop = {}, None
         if self.teacher is not None:  # draw the label dropout here, so that the teacher sees the same labels
             p = getattr(model, "module", model).y_embedder.dropout_prob
@@ -161,6 +174,28 @@ class FinetuneTask:
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
 
+    def _text_loss(self, model, x, y, t, noise, ctx, step, frozen):
+        """The same loss terms for a text-to-image model (caption dropout drawn here, in the step's seeded RNG)."""
+        y = self.text.drop_captions(y)
+        terms = self.text.losses(model, x, y, t, noise, dyn=ctx)
+        ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
+        lam = self.target_at(step)
+        f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
+        if step >= self.cfg.ramp_steps and not frozen:
+            self._acc[0] += ratio.mean().item()
+            self._acc[1] += 1
+        loss = self.cfg.data_weight * terms["loss"].mean() + f_loss
+        logs = {"diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
+                "flops_ratio": ratio.mean().item(), "target": lam, "noise": ctx.noise, "loss": loss.item()}
+        if self.inference_ratio is not None:
+            logs.update(inference_ratio=self.inference_ratio, target_offset=self.offset)
+        if step < self.cfg.warmup_steps:
+            inner = getattr(model, "module", model)
+            complete = self.text.losses(inner, x, y, t, noise, dyn=DynamicContext("complete"))
+            loss = loss + complete["loss"].mean()
+            logs["complete_loss"] = complete["loss"].mean().item()
+        return loss, logs
+
     def distill_loss(self, xt, mt, y, drop, out):
         """Mean squared distance of the dynamic output to the frozen static model's, on every output channel."""
         if next(self.teacher.parameters()).device != xt.device:
@@ -168,6 +203,10 @@ class FinetuneTask:
         with torch.no_grad():
             ref = self.teacher(xt, mt, y, force_drop_ids=drop) if drop is not None else self.teacher(xt, mt, y)
         return ((out.float() - ref.float()) ** 2).mean()
+
+    def make_dataset(self, cfg):
+        """Text-to-image models train on their captioned set; None: the loop's default for the model."""
+        return self.text.make_dataset(cfg) if self.text is not None else None
 
     def target_at(self, step: int) -> float:
         """λ_t of the FLOPs loss: the ramp, corrected by the inference-ratio feedback."""
@@ -188,7 +227,7 @@ class FinetuneTask:
                 inner = getattr(model, "module", model)
                 from dydit.fsdp import full_state_dict
 
-                ema.t_embedder.load_state_dict(full_state_dict(inner.t_embedder))
+                _time_embedder(ema).load_state_dict(full_state_dict(_time_embedder(inner)))
             group["lr_scale"] = 0.0
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
@@ -286,6 +325,13 @@ class FinetuneTask:
 # ---------------------------------------------------------------------------------------------
 # the whole run: a static checkpoint and a recipe in, a DyDiT out
 # ---------------------------------------------------------------------------------------------
+
+
+def _time_embedder(model):
+    """The module that embeds t for the width routers (DiT: t_embedder; FLUX: its timestep embedder)."""
+    if hasattr(model, "t_embedder"):
+        return model.t_embedder
+    return model.time_text_embed.timestep_embedder
 
 
 def finetune_config(recipe) -> FinetuneConfig:
@@ -427,6 +473,11 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
         from dydit.peft import save_adapters
 
         save_adapters(ema, out / "adapters", base_reordered=recipe.router_init.reorder)
+    elif not hasattr(ema.config, "to_dict"):  # a diffusers model (DyFLUX): its own folder, routers included
+        from dydit.io.atomic import atomic_write_text
+
+        ema.save_pretrained(out / "ema")
+        atomic_write_text(json.dumps({"recipe": recipe.to_dict()}, indent=2), out / "ema" / "recipe.json")
     else:
         dydit.save(ema, out / "ema", extra_config={"recipe": recipe.to_dict()})
     return result
@@ -454,6 +505,13 @@ def _check_recipe_fits(recipe, model, init):
     from dydit.errors import UserError
     from dydit.sampling import SAMPLERS
 
+    from dydit.t2i import is_text_to_image
+
+    if is_text_to_image(model):  # sample_captions: Euler over σ only
+        if recipe.feedback.sampler not in (None, "euler"):
+            raise UserError(f"feedback.sampler {recipe.feedback.sampler!r} cannot sample {init}, a text-to-image "
+                            "model (Euler only); drop --set feedback.sampler or set it to euler")
+        return
     sampler, objective = recipe.feedback.sampler, model.config.objective
     if sampler is not None and sampler not in SAMPLERS.get(objective, (sampler,)):
         raise UserError(f"feedback.sampler {sampler!r} cannot sample {init}, a {objective} model; choose one of "

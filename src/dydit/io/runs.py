@@ -126,6 +126,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+def model_config_dict(model) -> dict:
+    """The architecture a checkpoint records: dydit's config, or a diffusers model's own (FLUX)."""
+    c = model.config
+    return c.to_dict() if hasattr(c, "to_dict") else dict(c)
+
+
 def check_resume(ckpt: dict, cfg, model, path) -> None:
     """Refuses a resume that would continue another run: other trajectory settings (unless
     ``cfg.resume_with_changes``), or a model of another architecture than the checkpoint's."""
@@ -137,7 +143,7 @@ def check_resume(ckpt: dict, cfg, model, path) -> None:
             raise UserError(f"--resume: {path} was trained with other settings ({shown}); resuming would silently "
                             "change its trajectory. Rerun with the original settings, choose another --out, or "
                             "pass --resume-with-changes to continue anyway")
-    saved_cfg, own_cfg = ckpt.get("config") or {}, model.config.to_dict()
+    saved_cfg, own_cfg = ckpt.get("config") or {}, model_config_dict(model)
     keys = sorted(k for k in set(saved_cfg) | set(own_cfg) if saved_cfg.get(k) != own_cfg.get(k) and k != "extra")
     saved_dyn = ckpt.get("dynamic")
     dyn = getattr(model, "dynamic_config", None)

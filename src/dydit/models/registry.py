@@ -10,7 +10,9 @@ import importlib
 
 # class name -> (model class, config class with from_dict/to_dict)
 ARCHITECTURES: dict[str, tuple[type, type]] = {}
-_BACKBONE_MODULES = ("dydit.models.dit", "dydit.models.latte", "dydit.models.flux")
+_BACKBONE_MODULES = ("dydit.models.dit", "dydit.models.latte")
+# modules with a CONFIGS registry whose configs build() a class dydit does not own
+_CONFIG_ONLY_MODULES = ("dydit.models.flux",)
 
 
 def register_architecture(model_cls: type, config_cls: type) -> None:
@@ -41,6 +43,8 @@ def all_model_names() -> dict:
     names = {}
     for model_cls, _ in ARCHITECTURES.values():
         names.update(getattr(importlib.import_module(model_cls.__module__), "CONFIGS", {}))
+    for module in _CONFIG_ONLY_MODULES:  # registries of foreign classes (FLUX: diffusers' own model)
+        names.update(importlib.import_module(module).CONFIGS)
     return names
 
 
@@ -50,6 +54,8 @@ def build_any(name: str, **overrides):
     if name not in names:
         raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(sorted(names))} (see `dydit models`)")
     cfg = names[name](**overrides)
+    if hasattr(cfg, "build"):  # a config that builds a foreign class (FluxT2IConfig -> diffusers' FLUX)
+        return cfg.build()
     return ARCHITECTURES[_class_for(cfg)][0](cfg)
 
 
