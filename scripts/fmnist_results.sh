@@ -148,13 +148,13 @@ dydit bench engine --models DiT-XL/2 --targets 0.7,0.3 --schedules 50 --batches 
 
 # 7. Issue 19 (memory, bf16, end to end). One model and batch per process, so each peak is its own:
 #    peak memory = model tensors + the allocation timeline's peak of one pass (profiler), per side.
-for m in DiT-S/2 DiT-B/2 DiT-XL/2; do
-  steps=5; [ $m = DiT-XL/2 ] && steps=2
-  tag=$(echo $m | tr -d '/-' | tr 'A-Z' 'a-z')
-  for b in 1 8; do
-    dydit bench engine --models $m --targets 0.5 --schedules 50 --batches $b --timed-steps $steps --repeats 3 \
-      --out docs/results/b2_mem_${tag}_b$b
-  done
+for b in 1 8; do
+  dydit bench engine --models DiT-S/2 --targets 0.5 --schedules 50 --batches $b --timed-steps 5 --repeats 3 \
+    --out docs/results/b2_mem_dits2_b$b
+  dydit bench engine --models DiT-B/2 --targets 0.5 --schedules 50 --batches $b --timed-steps 5 --repeats 3 \
+    --out docs/results/b2_mem_ditb2_b$b
+  dydit bench engine --models DiT-XL/2 --targets 0.5 --schedules 50 --batches $b --timed-steps 2 --repeats 3 \
+    --out docs/results/b2_mem_ditxl2_b$b
 done
 dydit bench engine --models DiT-S/2,DiT-B/2 --targets 0.5 --schedules 50 --batches 8 --timed-steps 5 --repeats 3 \
   --dtype bf16 --out docs/results/b2_bf16
