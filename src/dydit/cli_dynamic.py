@@ -30,7 +30,7 @@ def finetune(
     lr: Optional[float] = typer.Option(None, help=_recipe_help("optim.lr")),
     seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
     peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
-    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
+    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's; video models move its items: Moving Fashion-MNIST) or an image tree"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this run"),
     ckpt_every: int = typer.Option(100, help="checkpoint every N steps"),
@@ -39,7 +39,7 @@ def finetune(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     bf16: bool = typer.Option(False, help="bf16 autocast"),
 ):
-    """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP).
+    """Fine-tune a static DiT/SiT/Latte into a DyDiT (DyLatte on video) under a FLOPs target (runs under torchrun for DDP).
 
     What it trains is a recipe: --recipe picks one, --set and the options that name a recipe key change single fields. The other options say where the data is and how this machine runs it.
     """

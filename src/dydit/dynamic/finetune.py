@@ -16,6 +16,7 @@ from dydit.dynamic.context import DynamicContext
 from dydit.dynamic.convert import router_parameters
 from dydit.dynamic.flops import dynamic_ratio, flops_spec
 from dydit.dynamic.loss import flops_loss, target_at
+from dydit.train import process_layout
 
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class FinetuneTask:
         obj = model.config.objective
         self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
         self.spec = flops_spec(model)
+        self.video = getattr(model.config, "num_frames", None) is not None  # x: (B, F, C, H, W)
         self.offset = 0.0  # inference ratio − training ratio, last measured
         self.inference_ratio = None
         self._acc = [0.0, 0]  # training ratios since the last feedback (sum, count)
@@ -131,12 +133,14 @@ class FinetuneTask:
             p = getattr(model, "module", model).y_embedder.dropout_prob
             drop = (torch.rand(B, device=y.device) < p).long() if p > 0 else None
 
-        def student(xt, mt):
+        def student(xt, mt):  # xt in the model's layout (videos: (B, F, C, H, W))
             seen.update(xt=xt, mt=mt)
             seen["out"] = model(xt, mt, y, dyn=ctx, force_drop_ids=drop) if drop is not None else model(xt, mt, y, dyn=ctx)
             return seen["out"]
 
-        terms = self.process.training_losses(student, x, t, noise)
+        fn, xp = process_layout(student, x, self.video)
+        noise = noise if not self.video else noise.transpose(1, 2)
+        terms = self.process.training_losses(fn, xp, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
@@ -156,7 +160,8 @@ class FinetuneTask:
         if step < self.cfg.warmup_steps:
             inner = getattr(model, "module", model)  # one DDP forward per step; see docs/ARCHITECTURE.md
             full = DynamicContext("complete")
-            complete = self.process.training_losses(lambda xt, mt: inner(xt, mt, y, dyn=full), x, t, noise)
+            fn, xp = process_layout(lambda xt, mt: inner(xt, mt, y, dyn=full), x, self.video)
+            complete = self.process.training_losses(fn, xp, t, noise)
             loss = loss + complete["loss"].mean()
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
@@ -322,7 +327,8 @@ class FinetuneResult:
 
 def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_after: int | None = None,
              ckpt_every: int = 100, sample_every: int = 0, limit_data: int | None = None,
-             threads: int | None = None, bf16: bool = False, progress: bool = True) -> FinetuneResult:
+             threads: int | None = None, bf16: bool = False, progress: bool = True,
+             log_every: int = 25) -> FinetuneResult:
     """Fine-tunes the static checkpoint ``init`` into a DyDiT under ``recipe`` (a Recipe, a name of
     :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP.
 
@@ -376,7 +382,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
                      lr_schedule=o.lr_schedule, weight_decay=o.weight_decay, ema_decay=o.ema_decay,
                      grad_clip=o.grad_clip, grad_skip=o.grad_skip, bf16=bf16, seed=o.seed, ckpt_every=ckpt_every,
                      sample_every=sample_every, resume=resume, limit_data=limit_data, stop_after=stop_after,
-                     threads=threads,
+                     threads=threads, log_every=log_every,
                      extra={"finetune": ft.to_dict(), "init": str(init), "recipe": recipe.to_dict()})
     teacher = dydit.load(init) if recipe.distill.weight > 0 else None  # the static function, before pruning or routing
     task = FinetuneTask(model, ft, teacher=teacher)
