@@ -56,3 +56,43 @@ def test_eval_on_a_video_model_reports_b4_metrics_and_exports_npz(video_models, 
     assert r.exit_code == 0, r.output
     res2 = json.loads(again.read_text())
     assert res2["frame_acc"] == res["frame_acc"] and res2["motion_error_px"] == pytest.approx(res["motion_error_px"])
+
+
+def test_bench_compare_takes_video_rows(video_models, small_reference, tmp_path, monkeypatch):
+    from dydit import bench_compare
+
+    out = tmp_path / "b3_video"
+    args = ["bench", "compare", "--video", f"static={video_models / 'static'}", "--video",
+            f"0.5={video_models / 'dynamic'}", "--num-samples", "2", "--steps", "4", "--batch-size", "2",
+            "--cfg-scale", "2", "--timing-repeats", "1", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    table = (tmp_path / "b3_video.md").read_text()
+    assert "per-frame FID" in table and "motion error (px)" in table and "s/video" in table and "FVD" in table
+    rows = json.loads((tmp_path / "b3_video.json").read_text())
+    assert [x["name"] for x in rows] == ["static", "DyLatte λ=0.5", "static, 3 steps", "static, 2 steps",
+                                         "FBCache rdt=0.1", "DyLatte λ=0.5 + FBCache rdt=0.1"]
+    for x in rows:
+        assert {"frame_fid", "frame_acc", "consistency", "motion_error_px", "s_per_video", "gmacs_per_video"} <= set(x)
+    assert rows[0]["flops_ratio"] == 1.0 and rows[1]["flops_ratio"] < 1.0
+    assert rows[2]["gmacs_per_video"] < rows[0]["gmacs_per_video"]  # fewer steps: less compute per video
+    assert (tmp_path / "b3_video.png").stat().st_size > 0
+    # resumable: the scored rows are kept, only the timing reruns
+    import dydit.evaluate as ev
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
+    r = CliRunner().invoke(app, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    # image and video rows do not share a table
+    mixed = [bench_compare.Row("a", "x", result={"s_per_image": 1.0}), bench_compare.Row("b", "y", result=rows[0])]
+    with pytest.raises(ValueError, match="either image or video"):
+        bench_compare._kind(mixed)
+
+
+def test_video_rows_need_the_static_model():
+    from dydit.bench_compare import parse_video_models, video_rows
+
+    with pytest.raises(ValueError, match="static"):
+        video_rows(parse_video_models(["0.5=a"]), 10, 0.1)
+    with pytest.raises(ValueError, match="FLOPs target"):
+        parse_video_models(["dylatte=a"])

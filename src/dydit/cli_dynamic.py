@@ -367,30 +367,42 @@ def bench_compare_cmd(
     row: Optional[list[str]] = typer.Option(None, help="extra row name=path[,steps=N][,fbcache=R][,adapters=DIR] "
                                             "(ablations, pruning, fine-tuned static...); repeatable"),
     defaults: bool = typer.Option(True, help="include the rows the shipped models support"),
+    video: Optional[list[str]] = typer.Option(None, help="video models instead (B4): static=PATH and LAMBDA=PATH "
+                                              "per DyLatte (e.g. --video static=S --video 0.5=D); gives the video "
+                                              "rows (static, DyLatte, fewer steps, FBCache, stacked) and metrics"),
     out: str = typer.Option("docs/results/b3_compare", help="output prefix (.md, .json, .png)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, help="keep the rows OUT.rows.jsonl already scored with the same "
                                 "settings and weights; score only the others (timing always reruns)"),
     timing_repeats: int = typer.Option(3, help="interleaved timing rounds (median); 0: time the quality pass"),
 ):
-    """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image."""
+    """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image; with
+    --video the same for Latte/DyLatte on Moving Fashion-MNIST with the video metrics (B4)."""
     import logging
 
     import torch
 
-    from dydit.bench_compare import default_rows, parse_row, run_compare
+    from dydit.bench_compare import default_rows, parse_row, parse_video_models, run_compare, video_rows
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     try:
-        rows = (default_rows(steps, fbcache) if defaults else []) + [parse_row(r) for r in row or []]
+        if video:  # the shipped image models' rows do not mix with video rows
+            base = video_rows(parse_video_models(video), steps, fbcache)
+        else:
+            base = default_rows(steps, fbcache) if defaults else []
+        rows = base + [parse_row(r) for r in row or []]
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if not rows:
         raise typer.BadParameter("no rows: keep --defaults or pass --row")
-    typer.echo(run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out, resume=resume,
-                           timing_repeats=timing_repeats))
+    try:
+        table = run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out, resume=resume,
+                            timing_repeats=timing_repeats)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(table)
 
 
 def register(app: typer.Typer):

@@ -37,6 +37,8 @@ from dydit.data.moving_fmnist import ITEM_SIZE, STEP_LENGTH
 log = logging.getLogger(__name__)
 
 VIDEO_FID_NAME = "FID (FMNIST classifier, frame crops)"
+FVD_NOTE = ("FVD is not reported: it needs the I3D network's weights, which cannot be had offline; "
+            "`dydit eval --save-npz` (or `dydit sample --npz`) exports the videos for your own FVD.")
 BACKGROUND_FLOOR = 0.15  # intensities (in [0, 1]) at or below this do not count toward the centroid
 
 
