@@ -96,3 +96,19 @@ def test_video_rows_need_the_static_model():
         video_rows(parse_video_models(["0.5=a"]), 10, 0.1)
     with pytest.raises(ValueError, match="FLOPs target"):
         parse_video_models(["dylatte=a"])
+
+
+def test_engine_bench_on_latte_shapes_plans_over_spatial_and_temporal_blocks():
+    # B2 for video at a tiny size (Latte-S/8 narrowed to 4 blocks of 192, 4 frames of 32x32x4 latents: 64 tokens
+    # per sample); the paper-scale
+    # run is `dydit bench engine --models Latte-B/2` (16 frames at 256²), a separate command
+    from dydit.bench import bench_engine, results_table
+
+    r = bench_engine("Latte-S/8", 0.5, schedule_steps=50, timed_steps=2, batch=1, repeats=1,
+                     model_overrides={"num_frames": 4, "depth": 4, "hidden_size": 192})
+    assert r.frames == 4 and abs(r.realised_ratio - 0.5) < 0.03
+    assert set(r.ratio_by_kind) == {"spatial", "temporal"} and all(v < 0.95 for v in r.ratio_by_kind.values())
+    assert r.ideal_speedup > 1.5 and r.static_peak_mb > 0 and r.dynamic_peak_mb > 0
+    assert r.static_s_per_step > 0 and r.dynamic_s_per_step > 0
+    table = results_table([r])
+    assert "Latte-S/8 (4 frames)" in table and "spatial" in table and "temporal" in table
