@@ -112,3 +112,21 @@ def test_engine_bench_on_latte_shapes_plans_over_spatial_and_temporal_blocks():
     assert r.static_s_per_step > 0 and r.dynamic_s_per_step > 0
     table = results_table([r])
     assert "Latte-S/8 (4 frames)" in table and "spatial" in table and "temporal" in table
+
+
+def test_demo_shows_static_and_dylatte_side_by_side(video_models, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--video", f"static={video_models / 'static'}", "--video",
+                                 f"0.5={video_models / 'dynamic'}", "--steps", "2", "--per-class", "1",
+                                 "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["model"] for s in summary] == ["static", "DyLatte λ=0.5"]
+    assert summary[0]["flops_ratio"] == 1.0 and summary[1]["flops_ratio"] < 1.0
+    single, both = Image.open(out / "static.gif"), Image.open(out / "side_by_side.gif")
+    assert single.n_frames == both.n_frames == 3  # one GIF frame per video frame
+    assert both.size == (2 * single.size[0] + 12, single.size[1])
+    r = CliRunner().invoke(app, ["demo", "--video", "dylatte=x", "--out", str(out)])
+    assert r.exit_code != 0 and "FLOPs target" in r.output
