@@ -28,6 +28,15 @@ def video_models(tmp_path_factory):
 
 
 @pytest.fixture()
+def one_thread():
+    """Tiny models run far faster on one thread on a shared CPU; the suite's thread count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def small_reference(monkeypatch, tmp_path):
     """The crop reference of 500 test images instead of 10k (speed); the statistics code is the real one."""
     from dydit import video_metrics
@@ -37,7 +46,7 @@ def small_reference(monkeypatch, tmp_path):
                         lambda *a, **k: real(*a, **{**k, "limit": 500, "cache_dir": tmp_path}))
 
 
-def test_eval_on_a_video_model_reports_b4_metrics_and_exports_npz(video_models, small_reference, tmp_path):
+def test_eval_on_a_video_model_reports_b4_metrics_and_exports_npz(video_models, small_reference, tmp_path, one_thread):
     out, npz = tmp_path / "eval.json", tmp_path / "videos.npz"
     r = CliRunner().invoke(app, ["eval", str(video_models / "dynamic"), "--num-samples", "4", "--steps", "2",
                                  "--batch-size", "4", "--cfg-scale", "2", "--json", str(out), "--save-npz", str(npz)])
@@ -58,13 +67,13 @@ def test_eval_on_a_video_model_reports_b4_metrics_and_exports_npz(video_models, 
     assert res2["frame_acc"] == res["frame_acc"] and res2["motion_error_px"] == pytest.approx(res["motion_error_px"])
 
 
-def test_bench_compare_takes_video_rows(video_models, small_reference, tmp_path, monkeypatch):
+def test_bench_compare_takes_video_rows(video_models, small_reference, tmp_path, monkeypatch, one_thread):
     from dydit import bench_compare
 
     out = tmp_path / "b3_video"
     args = ["bench", "compare", "--video", f"static={video_models / 'static'}", "--video",
             f"0.5={video_models / 'dynamic'}", "--num-samples", "2", "--steps", "4", "--batch-size", "2",
-            "--cfg-scale", "2", "--timing-repeats", "1", "--out", str(out)]
+            "--cfg-scale", "2", "--threads", "1", "--timing-repeats", "1", "--out", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     table = (tmp_path / "b3_video.md").read_text()
@@ -81,7 +90,7 @@ def test_bench_compare_takes_video_rows(video_models, small_reference, tmp_path,
     import dydit.evaluate as ev
 
     monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
-    r = CliRunner().invoke(app, args + ["--resume"])
+    r = CliRunner().invoke(app, args[:-4] + ["--timing-repeats", "0", "--out", str(out), "--resume"])
     assert r.exit_code == 0, r.output
     # image and video rows do not share a table
     mixed = [bench_compare.Row("a", "x", result={"s_per_image": 1.0}), bench_compare.Row("b", "y", result=rows[0])]
@@ -98,14 +107,14 @@ def test_video_rows_need_the_static_model():
         parse_video_models(["dylatte=a"])
 
 
-def test_engine_bench_on_latte_shapes_plans_over_spatial_and_temporal_blocks():
-    # B2 for video at a tiny size (Latte-S/8 narrowed to 4 blocks of 192, 4 frames of 32x32x4 latents: 64 tokens
+def test_engine_bench_on_latte_shapes_plans_over_spatial_and_temporal_blocks(one_thread):
+    # B2 for video at a tiny size (Latte-S/8 narrowed to 4 blocks of 96, 4 frames of 32x32x4 latents: 64 tokens
     # per sample); the paper-scale
     # run is `dydit bench engine --models Latte-B/2` (16 frames at 256²), a separate command
     from dydit.bench import bench_engine, results_table
 
     r = bench_engine("Latte-S/8", 0.5, schedule_steps=50, timed_steps=2, batch=1, repeats=1,
-                     model_overrides={"num_frames": 4, "depth": 4, "hidden_size": 192})
+                     model_overrides={"num_frames": 4, "depth": 4, "hidden_size": 96})
     assert r.frames == 4 and abs(r.realised_ratio - 0.5) < 0.03
     assert set(r.ratio_by_kind) == {"spatial", "temporal"} and all(v < 0.95 for v in r.ratio_by_kind.values())
     assert r.ideal_speedup > 1.5 and r.static_peak_mb > 0 and r.dynamic_peak_mb > 0
@@ -114,7 +123,7 @@ def test_engine_bench_on_latte_shapes_plans_over_spatial_and_temporal_blocks():
     assert "Latte-S/8 (4 frames)" in table and "spatial" in table and "temporal" in table
 
 
-def test_demo_shows_static_and_dylatte_side_by_side(video_models, tmp_path):
+def test_demo_shows_static_and_dylatte_side_by_side(video_models, tmp_path, one_thread):
     from PIL import Image
 
     out = tmp_path / "demo"

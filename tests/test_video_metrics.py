@@ -63,11 +63,12 @@ def test_real_clips_score_high_and_shuffled_frames_or_noise_clearly_worse(real, 
     shuffled = torch.stack([v[torch.randperm(8, generator=g)] for v in x])  # the same frames, out of order
     assert _motion(shuffled) > 5 * ok["motion_error_px"] and _motion(shuffled) > 1.5
     assert _motion(x[:, :1].expand_as(x)) > 1.5  # one frame repeated: the data never stands still
-    noise = torch.rand((24, *x.shape[1:]), generator=g) * 2 - 1
-    for v in (evaluate_videos(noise, y[:24], reference=reference),
-              evaluate_videos(noise[:, :1].expand_as(noise), y[:24], reference=reference)):  # static noise
+    noise = torch.rand((16, *x.shape[1:]), generator=g) * 2 - 1
+    moving_noise = evaluate_videos(noise, y[:16], reference=reference)
+    static_noise = evaluate_videos(noise[:, :1].expand_as(noise), y[:16], reference=reference)
+    for v in (moving_noise, static_noise):
         assert v["frame_acc"] < 0.3 and v["frame_fid"] > 5 * ok["frame_fid"] and v["motion_error_px"] > 1.5
-    assert evaluate_videos(noise, y[:24], reference=reference)["consistency"] < 0.5
+    assert moving_noise["consistency"] < 0.5
     # the same clips as uint8 (N, F, H, W, 3), as `dydit sample --npz` writes them, are the same frames
     u8 = ((x[:, :, 0] + 1) * 127.5).round().to(torch.uint8)[..., None].repeat(1, 1, 1, 1, 3).numpy()
     assert torch.allclose(as_video_frames(u8), as_video_frames(x), atol=0.5 / 255 + 1e-6)
