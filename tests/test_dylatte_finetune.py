@@ -10,6 +10,7 @@ import dydit
 from dydit.dynamic.finetune import finetune
 from dydit.dynamic.recipe import get_recipe
 from dydit.models.dit import build_model
+from helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -99,3 +100,34 @@ def test_video_results_script_fine_tunes_resolve_within_15_percent_of_the_base()
         assert res.exit_code == 0, (args, res.output)
         recipe = json.loads(res.output)
         assert recipe["optim"]["steps"] <= 0.15 * base_steps and recipe["optim"]["batch_size"] == 32
+
+
+def test_td_lora_on_latte_mixes_experts_per_video_sample():
+    # Latte folds frames (spatial blocks) or positions (temporal blocks) into the batch: each folded row must
+    # mix the LoRA experts with its own sample's E_t, so a sample's output does not depend on its batch mates
+    from dydit.dynamic import dynamize
+    from dydit.peft import TDLoRAConfig, apply_td_lora
+
+    torch.manual_seed(0)
+    model = apply_td_lora(dynamize(build_model("Latte-MFMNIST", input_size=16, hidden_size=32, depth=2, num_heads=2,
+                                               num_frames=3)), TDLoRAConfig(r=2, num_experts=3)).eval()
+    randomize(model, scale=0.2)  # LoRA B and adaLN-Zero start at zero: make every path count
+    x, y = torch.randn(2, 3, 1, 16, 16), torch.tensor([1, 2])
+    t = torch.tensor([50, 900])
+    with torch.no_grad():
+        both = model(x, t, y, dyn="complete")
+        alone = torch.cat([model(x[i : i + 1], t[i : i + 1], y[i : i + 1], dyn="complete") for i in range(2)])
+    assert torch.allclose(both, alone, atol=1e-5)
+    with torch.no_grad():  # and the experts matter: another sample's timestep changes the output
+        swapped = model(x[:1], t[1:], y[:1], dyn="complete")
+    assert not torch.allclose(swapped, alone[:1], atol=1e-3)
+
+
+@pytest.mark.parametrize("sets", [["prune_static=true"], ["peft.method=td-lora"], ["distill.weight=1.0"],
+                                  ["freeze.routers=0.5", "freeze.time_embed=true", "freeze.calibrate=true"]],
+                         ids=["prune-static", "td-lora", "distill", "frozen-plan"])
+def test_every_recipe_variant_runs_on_latte(tmp_path, sets):
+    base = tiny_latte_base(tmp_path / "base")
+    recipe = get_recipe().with_sets(RECIPE + sets + ["optim.steps=8"])
+    r = finetune(base, tmp_path / "out", recipe, limit_data=16, ckpt_every=8, progress=False, threads=1)
+    assert r.finished and r.weights.exists()

@@ -113,7 +113,7 @@ class FinetuneTask:
         rparams = [p for p in model.parameters() if p.requires_grad and id(p) in routers]
         scale = (self.cfg.router_lr / train_cfg.lr) if self.cfg.router_lr else 1.0
         inner = getattr(model, "module", model)
-        temb = {id(p) for p in inner.t_embedder.parameters()} if self.cfg.freeze_time_embed else set()
+        temb = {id(p) for m in _router_input_modules(inner) for p in m.parameters()} if self.cfg.freeze_time_embed else set()
         groups = [{"params": [p for p in base if id(p) not in temb], "lr_scale": 1.0},
                   {"params": [p for p in base if id(p) in temb], "lr_scale": 1.0, "name": "time_embed"},
                   {"params": rparams, "lr_scale": scale}]
@@ -191,7 +191,8 @@ class FinetuneTask:
         if group is not None and self.frozen(step):
             if group["lr_scale"] != 0.0:
                 inner = getattr(model, "module", model)
-                ema.t_embedder.load_state_dict(inner.t_embedder.state_dict())
+                for live, averaged in zip(_router_input_modules(inner), _router_input_modules(ema)):
+                    averaged.load_state_dict(live.state_dict())
             group["lr_scale"] = 0.0
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
@@ -284,6 +285,14 @@ class FinetuneTask:
 
     def sampling_context(self, model):
         return DynamicContext("fast")
+
+
+def _router_input_modules(model) -> list:
+    """The modules that compute the width routers' input (DiT and Latte: ``t_embedder``; diffusers Latte: the
+    timestep part of ``adaln_single``), from the backbone's model adapter."""
+    from dydit.dynamic.adapters import model_adapter
+
+    return list(model_adapter(model).router_input_modules(model))
 
 
 # ---------------------------------------------------------------------------------------------
