@@ -139,3 +139,22 @@ def test_demo_shows_static_and_dylatte_side_by_side(video_models, tmp_path, one_
     assert both.size == (2 * single.size[0] + 12, single.size[1])
     r = CliRunner().invoke(app, ["demo", "--video", "dylatte=x", "--out", str(out)])
     assert r.exit_code != 0 and "FLOPs target" in r.output
+
+
+def test_plan_report_on_a_video_model_maps_token_masks_to_frames(video_models, tmp_path, one_thread):
+    from dydit.dynamic.token_report import frames_as_images
+
+    per_frame = torch.tensor([[[1, 0, 1], [0, 0, 1]]], dtype=torch.bool)  # (B=1, F=2, N=3)
+    spatial = per_frame.reshape(1, 6)  # a spatial block records frame-major
+    temporal = per_frame.transpose(1, 2).reshape(1, 6)  # a temporal block position-major
+    videos = torch.zeros(1, 2, 1, 4, 4)
+    frames, masks = frames_as_images(videos, [(999.0, 0, spatial), (999.0, 1, temporal)], ["spatial", "temporal"])
+    assert frames.shape == (2, 1, 4, 4)
+    assert torch.equal(masks[0][2], per_frame[0]) and torch.equal(masks[1][2], per_frame[0])
+    r = CliRunner().invoke(app, ["plan", str(video_models / "dynamic"), "--steps", "3", "--num-images", "2",
+                                 "--out", str(tmp_path / "plan")])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert len(plan["steps"]) == 3 and (tmp_path / "plan" / "token_maps.png").exists()
+    assert json.loads((tmp_path / "plan" / "selectivity.json").read_text())["images"] == 2 * 3  # frames
+    assert "spatial" in (tmp_path / "plan" / "plan.md").read_text()

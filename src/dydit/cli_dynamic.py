@@ -372,11 +372,15 @@ def plan(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps(plan_json(ctx.usage, spec, s), indent=1))
     if ctx.token_masks and model.config.vae is None:  # token maps are drawn over pixel-space images
-        patch = model.config.patch_size
-        sel = token_selectivity(ctx.token_masks, images, patch, threshold=object_threshold)
+        patch, masks = model.config.patch_size, ctx.token_masks
+        if images.ndim == 5:  # a video model: every frame is an image of the report (videos in order)
+            from dydit.dynamic.token_report import frames_as_images
+
+            images, masks = frames_as_images(images, masks, [b.kind for b in spec.blocks])
+        sel = token_selectivity(masks, images, patch, threshold=object_threshold)
         (out_dir / "selectivity.json").write_text(json.dumps(sel, indent=1))
         (out_dir / "selectivity.md").write_text(selectivity_table(sel))
-        token_keep_maps(ctx.token_masks, images, patch, out_dir / "token_maps.png")
+        token_keep_maps(masks, images, patch, out_dir / "token_maps.png")
     text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
             f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
             f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
