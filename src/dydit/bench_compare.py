@@ -125,7 +125,7 @@ def parse_video_models(items) -> dict:
 
 # quality columns of the table and plot: (header, result key, format, plot label)
 IMAGE_METRICS = (("FID (FMNIST classifier) ↓", "fid", "{:.2f}"), ("cond. accuracy ↑", "cond_acc", "pct"))
-VIDEO_METRICS = (("per-frame FID (FMNIST classifier, crops) ↓", "frame_fid", "{:.2f}"),
+VIDEO_METRICS = (("per-frame FID (FMNIST classifier, frame crops) ↓", "frame_fid", "{:.2f}"),
                  ("per-frame accuracy ↑", "frame_acc", "pct"), ("consistency ↑", "consistency", "pct"),
                  ("motion error (px) ↓", "motion_error_px", "{:.2f}"))
 
