@@ -1,4 +1,6 @@
-"""Benchmark B2: engine efficiency at paper scale (DiT-B/2, DiT-XL/2 at 256², random weights).
+"""Benchmark B2: engine efficiency at paper scale (DiT-B/2, DiT-XL/2 at 256², random weights); the same for
+video backbones (B4: Latte-B/2 or Latte-XL/2, their registry configs being 16 frames of 32×32×4 latents, i.e.
+256² video), whose shaped plans span the spatial and the temporal blocks alike.
 
 Static and dynamic sampling steps are timed side by side in one process on the same inputs, after a
 warm-up, as the median of several repeats. Plans are shaped like trained ones: narrower at high noise,
@@ -48,6 +50,9 @@ class EngineResult:
     # system (malloc_trim) and the high-water mark reset before each side
     static_peak_rss_mb: float | None = None
     dynamic_peak_rss_mb: float | None = None
+    # per block kind (Latte: "spatial", "temporal"; DiT: "block"): the realised MACs ratio of that kind
+    ratio_by_kind: dict | None = None
+    frames: int | None = None  # video models: frames per sample
 
 
 def shaped_width(t_frac: float, layer: int, depth: int, level: float, H: int, phase: float = 0.0):
@@ -120,13 +125,20 @@ def _time(fn, repeats: int) -> float:
 @torch.no_grad()
 def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_steps: int = 50,
                  timed_steps: int = 10, batch: int = 8, repeats: int = 3, dtype: str = "fp32",
-                 device: str = "cpu", keep: float = 0.8, cfg: bool = False, seed: int = 0) -> EngineResult:
-    """Times static vs dynamic denoising steps over ``timed_steps`` evenly spaced schedule steps."""
+                 device: str = "cpu", keep: float = 0.8, cfg: bool = False, seed: int = 0,
+                 model_overrides: dict | None = None) -> EngineResult:
+    """Times static vs dynamic denoising steps over ``timed_steps`` evenly spaced schedule steps.
+
+    ``model_name``: any registry backbone, image (DiT) or video (Latte: inputs (B, F, C, H, W));
+    ``model_overrides`` change its config (tests: fewer frames)."""
+    from dydit.sampling import video_frames
+
     torch.manual_seed(seed)
-    model = build_model(model_name)
-    # random, non-degenerate weights everywhere (adaLN-Zero would make every block the identity)
+    model = build_model(model_name, **(model_overrides or {}))
+    # random, non-degenerate weights everywhere (adaLN-Zero would make every block the identity); the
+    # frozen sin-cos tables (pos_embed, Latte's temp_embed) stay
     for name, p in model.named_parameters():
-        if name != "pos_embed" and p.ndim >= 1:
+        if p.requires_grad and p.ndim >= 1:
             p.data.normal_(0, 0.02)
     model = dynamize(model, DynamicConfig()).to(device).eval()
     for block in model.blocks:  # the token routers' output layer starts at zero: give it token-dependent logits
@@ -136,7 +148,8 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
     schedule = torch.linspace(999, 0, schedule_steps).round().tolist()
     timed = schedule[:: max(1, schedule_steps // timed_steps)][:timed_steps]
     B = batch * (2 if cfg else 1)
-    x = torch.randn(B, c.in_channels, c.input_size, c.input_size, device=device)
+    frames = video_frames(model)
+    x = torch.randn(B, *((frames,) if frames else ()), c.in_channels, c.input_size, c.input_size, device=device)
     y = torch.randint(0, c.num_classes, (B,), device=device)
     spec = flops_spec(model)
     amp = dict(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -204,6 +217,9 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
     t_static, t_dyn = statistics.median(ts), statistics.median(td)
     # realised FLOPs from what actually ran (token counts measured, not assumed)
     realised_run = summarize(ctx.usage, spec)
+    from dydit.dynamic.report import usage_by_kind
+
+    by_kind = {k: v["flops_ratio"] for k, v in usage_by_kind(ctx.usage, spec).items()}
     static_macs = spec.static_macs
     dynamic_macs = realised_run["gmacs_per_forward"] * 1e9
     ideal = static_macs / dynamic_macs
@@ -215,6 +231,7 @@ def bench_engine(model_name: str = "DiT-B/2", target: float = 0.5, schedule_step
         static_gmacs=static_macs / 1e9, dynamic_gmacs=dynamic_macs / 1e9,
         static_peak_mb=peak.get("static"), dynamic_peak_mb=peak.get("dynamic"),
         static_peak_rss_mb=rss.get("static"), dynamic_peak_rss_mb=rss.get("dynamic"),
+        ratio_by_kind=by_kind, frames=frames,
     )
 
 
@@ -276,17 +293,25 @@ def _sync(device: str):
 
 
 def results_table(results: list[EngineResult]) -> str:
+    kinds = any(r.ratio_by_kind and len(r.ratio_by_kind) > 1 for r in results)  # video: spatial and temporal
     head = ("| model | λ | steps | batch | dtype | static s/step | dynamic s/step | speedup | ideal | efficiency "
-            "| realised ratio | peak MB static / dynamic | peak RSS MB static / dynamic |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| realised ratio |" + (" ratio by block kind |" if kinds else "")
+            + " peak MB static / dynamic | peak RSS MB static / dynamic |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kinds else "") + "---|---|\n")
 
     def mb(v):
         return f"{v:.0f}" if v is not None else "n/a"
 
+    def by_kind(r):
+        if not kinds:
+            return ""
+        return " " + ", ".join(f"{k} {v:.3f}" for k, v in (r.ratio_by_kind or {}).items()) + " |"
+
     rows = [
-        f"| {r.model} | {r.target} | {r.schedule_steps} | {r.batch} | {r.dtype} | {r.static_s_per_step:.3f} | "
+        f"| {r.model}{f' ({r.frames} frames)' if r.frames else ''} | {r.target} | {r.schedule_steps} | {r.batch} | "
+        f"{r.dtype} | {r.static_s_per_step:.3f} | "
         f"{r.dynamic_s_per_step:.3f} | {r.speedup:.2f}× | {r.ideal_speedup:.2f}× | {r.efficiency:.2f} | "
-        f"{r.realised_ratio:.3f} | {mb(r.static_peak_mb)} / {mb(r.dynamic_peak_mb)} | "
+        f"{r.realised_ratio:.3f} |{by_kind(r)} {mb(r.static_peak_mb)} / {mb(r.dynamic_peak_mb)} | "
         f"{mb(r.static_peak_rss_mb)} / {mb(r.dynamic_peak_rss_mb)} |"
         for r in results
     ]

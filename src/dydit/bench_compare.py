@@ -1,4 +1,6 @@
-"""Benchmark B3: DyDiT against the alternatives on B1 (Fashion-MNIST), one table and one plot.
+"""Benchmark B3: DyDiT against the alternatives on B1 (Fashion-MNIST), one table and one plot; and the same
+for video models on B4 (Moving Fashion-MNIST: static Latte, DyLatte, fewer steps, First-Block-Cache, stacked;
+:func:`video_rows`), with the video metrics of :mod:`dydit.video_metrics` as the quality columns.
 
 Every row is sampled and scored the same way (sampler, steps, guidance, seed, sample count). Quality
 and time are measured in separate passes: the quality pass samples and scores every row once (its
@@ -84,6 +86,77 @@ def default_rows(steps: int, fbcache: float) -> list[Row]:
     return rows
 
 
+def video_rows(models: dict, steps: int, fbcache: float) -> list[Row]:
+    """B3 rows for video models (B4): ``models`` maps ``"static"`` to the static Latte and each λ (``"0.7"``,
+    ``"0.5"``, ...) to its DyLatte. Static, DyLatte per λ, fewer steps, First-Block-Cache alone and stacked
+    on the smallest λ."""
+    if "static" not in models:
+        raise ValueError("video rows need the static model: static=PATH")
+    base = str(models["static"])
+    lams = sorted((k for k in models if k != "static"), key=float, reverse=True)
+    rows = [Row("static", base, note="full compute")]
+    rows += [Row(f"DyLatte λ={lam}", str(models[lam]), note=_routing_note(models[lam])) for lam in lams]
+    for frac in (0.7, 0.5):
+        n = max(1, round(steps * frac))
+        rows.append(Row(f"static, {n} steps", base, steps=n, note=f"fewer sampling steps (~{frac:.0%} compute)"))
+    rows.append(Row(f"FBCache rdt={fbcache}", base, fbcache=fbcache, note="training-free caching"))
+    if lams:
+        rows.append(Row(f"DyLatte λ={lams[-1]} + FBCache rdt={fbcache}", str(models[lams[-1]]), fbcache=fbcache,
+                        note="stacked"))
+    return rows
+
+
+def parse_video_models(items) -> dict:
+    """``["static=PATH", "0.7=PATH", ...]`` (the CLI's --video) as :func:`video_rows` takes them."""
+    models = {}
+    for text in items:
+        key, sep, path = text.partition("=")
+        key = key.strip()
+        if not sep or not path.strip():
+            raise ValueError(f"--video {text!r}: expected static=PATH or LAMBDA=PATH (e.g. 0.5=runs/dylatte_0.5/ema)")
+        if key != "static":
+            try:
+                float(key)
+            except ValueError:
+                raise ValueError(f"--video {text!r}: the key is 'static' or a FLOPs target such as 0.5") from None
+        models[key] = path.strip()
+    return models
+
+
+# quality columns of the table and plot: (header, result key, format, plot label)
+IMAGE_METRICS = (("FID (FMNIST classifier) ↓", "fid", "{:.2f}"), ("cond. accuracy ↑", "cond_acc", "pct"))
+VIDEO_METRICS = (("per-frame FID (FMNIST classifier, frame crops) ↓", "frame_fid", "{:.2f}"),
+                 ("per-frame accuracy ↑", "frame_acc", "pct"), ("consistency ↑", "consistency", "pct"),
+                 ("motion error (px) ↓", "motion_error_px", "{:.2f}"))
+
+
+# B5 (FLUX-style models on Captioned Fashion-MNIST)
+T2I_METRICS = (("crop FID ↓", "crop_fid", "{:.2f}"), ("class ↑", "class_acc", "pct"),
+               ("position ↑", "position_acc", "pct"), ("brightness ↑", "brightness_acc", "pct"),
+               ("all ↑", "all_acc", "pct"))
+METRICS = {"image": IMAGE_METRICS, "video": VIDEO_METRICS, "t2i": T2I_METRICS}
+_DATA = {"image": "Fashion-MNIST", "video": "Moving Fashion-MNIST (B4)", "t2i": "Captioned Fashion-MNIST (B5)"}
+
+
+def _row_kind(result: dict) -> str:
+    return "video" if "s_per_video" in result else ("t2i" if "crop_fid" in result else "image")
+
+
+def _kind(rows: list[Row]) -> str:
+    """What every row's result is: "image" (B1/B3), "video" (s/video, B4) or "t2i" (B5); mixing fails."""
+    kinds = {_row_kind(r.result) for r in rows}
+    if len(kinds) > 1:
+        raise ValueError("one table compares models of one kind (image, video or text-to-image): "
+                         + ", ".join(f"{r.name} ({_row_kind(r.result)})" for r in rows))
+    return kinds.pop()
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if fmt == "pct" else fmt.format(value)
+
+
 def row_key(row: Row, settings: dict) -> str:
     """What a row's quality result depends on: its options, the benchmark settings, its weights."""
     digest = hashlib.sha256()
@@ -147,45 +220,44 @@ def run_compare(rows: list[Row], num_samples: int, sampler: str | None, steps: i
                                          steps=row.steps or steps, cfg_scale=cfg_scale, seed=seed,
                                          batch_size=batch_size, fbcache=row.fbcache, adapters=row.adapters,
                                          data=data, cache_dir=cache_dir, progress=False)
-        log.info("%s: %s", row.name, {k: row.result.get(k) for k in ("fid", "cond_acc", "s_per_image")})
+        log.info("%s: %s", row.name, {k: v for k, v in row.result.items()
+                                      if k in ("fid", "cond_acc", "s_per_image", "frame_fid", "frame_acc",
+                                               "consistency", "motion_error_px", "s_per_video")})
         with partial.open("a") as f:
             f.write(json.dumps({"key": key, "name": row.name, "note": row.note, **row.result}) + "\n")
+    kind = _kind(rows)
+    unit = "video" if kind == "video" else "image"
+    tkey, gkey = f"s_per_{unit}", f"gmacs_per_{unit}"
     if timing_repeats > 0:
         timings = time_rows(rows, sampler, steps, cfg_scale, seed, batch_size, timing_repeats)
         for row, t in zip(rows, timings):
-            row.result["s_per_image_quality_pass"] = row.result["s_per_image"]
-            row.result["s_per_image"] = t
-    base = rows[0].result["s_per_image"]
-    text_to_image = "crop_fid" in rows[0].result  # B5 rows (FLUX-style models on Captioned Fashion-MNIST)
-    if text_to_image:
-        lines = ["| configuration | crop FID ↓ | class ↑ | position ↑ | brightness ↑ | all ↑ | GMACs/image | "
-                 "FLOPs ratio | s/image | speedup | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    else:
-        lines = ["| configuration | FID (FMNIST classifier) ↓ | cond. accuracy ↑ | GMACs/image | FLOPs ratio | "
-                 "s/image | speedup | note |", "|---|---|---|---|---|---|---|---|"]
+            row.result[f"{tkey}_quality_pass"] = row.result[tkey]
+            row.result[tkey] = t
+    base = rows[0].result[tkey]
+    metrics = METRICS[kind]
+    head = ["configuration", *[m[0] for m in metrics], f"GMACs/{unit}", "FLOPs ratio", f"s/{unit}", "speedup", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r.result
-        quality = (" | ".join([f"{res['crop_fid']:.2f}"] + [f"{100 * res[k]:.1f}%" for k in _T2I_ACCURACIES])
-                   if text_to_image else f"{res['fid']:.2f} | {100 * res['cond_acc']:.1f}%")
-        gmacs = res.get("gmacs_per_image")
-        lines.append(f"| {r.name} | {quality} | {'—' if gmacs is None else f'{gmacs:.3f}'} | "
-                     f"{res['flops_ratio']:.3f} | {1e3 * res['s_per_image']:.2f} ms | "
-                     f"{base / res['s_per_image']:.2f}× | {r.note} |")
+        cells = [r.name, *[_fmt(res.get(key), fmt) for _, key, fmt in metrics], _fmt(res.get(gkey), "{:.2f}"),
+                 f"{res['flops_ratio']:.3f}", f"{1e3 * res[tkey]:.2f} ms", f"{base / res[tkey]:.2f}×", r.note]
+        lines.append("| " + " | ".join(cells) + " |")
     first = rows[0].result
-    header = (f"Samples: {num_samples} per row, {first.get('sampler', 'euler')} {steps} steps (unless the row says "
+    header = (f"Samples: {num_samples}{' videos' if kind == 'video' else ''} per row, {first.get('sampler', 'euler')} {steps} steps (unless the row says "
               f"otherwise), CFG {cfg_scale}, seed {seed}, batch {batch_size}; {first['device']}, "
-              f"{torch.get_num_threads()} threads, fp32. s/image: median of {timing_repeats} interleaved timing rounds of "
-              f"one {batch_size}-image batch per row (quality pass times in the .json).\n\n")
+              f"{torch.get_num_threads()} threads, fp32. s/{unit}: median of {timing_repeats} interleaved timing "
+              f"rounds of one {batch_size}-{unit} batch per row (quality pass times in the .json).\n\n")
+    if kind == "video":
+        from dydit.video_metrics import FVD_NOTE
+
+        header += FVD_NOTE + "\n\n"
     table = header + "\n".join(lines) + "\n"
     out_path.with_suffix(".md").write_text(table)
     out_path.with_suffix(".json").write_text(json.dumps(
         [{"name": r.name, "path": r.path, "steps": r.steps or steps, "fbcache": r.fbcache, "adapters": r.adapters,
           "note": r.note, **r.result} for r in rows], indent=2) + "\n")
-    plot(rows, base, out_path.with_suffix(".png"))
+    plot(rows, base, out_path.with_suffix(".png"), kind)
     return table
-
-
-_T2I_ACCURACIES = ("class_acc", "position_acc", "brightness_acc", "all_acc")
 
 
 def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float, seed: int, batch_size: int,
@@ -193,8 +265,8 @@ def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float
     """Median s/image of one ``batch_size`` sampling call per row, rows interleaved round-robin."""
     import torch
 
-    from dydit.evaluate import prepare_sampling
     from dydit.data.captioned_fmnist import balanced_caption_ids
+    from dydit.evaluate import prepare_sampling
     from dydit.sampling import default_sampler, sample
     from dydit.t2i import is_text_to_image, sample_captions
 
@@ -233,31 +305,29 @@ def time_rows(rows: list[Row], sampler: str | None, steps: int, cfg_scale: float
     return [statistics.median(t) for t in times]
 
 
-def plot(rows: list[Row], base_s: float, path: Path) -> Path:
-    """Quality vs measured time: FID and conditional accuracy against speedup over the static model."""
+def plot(rows: list[Row], base_s: float, path: Path, kind: str = "image") -> Path:
+    """Quality vs measured time: each quality metric against speedup over the static model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    text_to_image = "crop_fid" in rows[0].result
-    panels = (((axes[0], "crop_fid", "crop FID (FMNIST classifier) ↓"), (axes[1], "all_acc", "all attributes right ↑"))
-              if text_to_image else ((axes[0], "fid", "FID (FMNIST classifier) ↓"),
-                                     (axes[1], "cond_acc", "conditional accuracy ↑")))
-    for ax, key, label in panels:
-        percent = key.endswith("_acc")
+    metrics = METRICS[kind]
+    tkey = "s_per_video" if kind == "video" else "s_per_image"
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2))
+    for ax, (label, key, fmt) in zip(axes, metrics):
         for r in rows:
-            x = base_s / r.result["s_per_image"]
-            y = r.result[key] * (100 if percent else 1)
-            marker = "o" if ("DyDiT" in r.name or "DyFLUX" in r.name) else ("s" if "FBCache" in r.name else "^")
+            if r.result.get(key) is None:
+                continue
+            x = base_s / r.result[tkey]
+            y = r.result[key] * (100 if fmt == "pct" else 1)
+            marker = "o" if "Dy" in r.name else ("s" if "FBCache" in r.name else "^")
             ax.scatter([x], [y], marker=marker, s=45)
             ax.annotate(r.name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.set_xlabel("measured speedup over static (s/image ratio)")
-        ax.set_ylabel(label + (" (%)" if percent else ""))
+        ax.set_xlabel(f"measured speedup over static (s/{'video' if kind == 'video' else 'image'} ratio)")
+        ax.set_ylabel(label + (" (%)" if fmt == "pct" else ""))
         ax.grid(alpha=0.3)
-    fig.suptitle("B5: quality vs measured sampling time (Captioned Fashion-MNIST)" if text_to_image
-                 else "B3: quality vs measured sampling time (Fashion-MNIST)")
+    fig.suptitle(f"{'B5' if kind == 't2i' else 'B3'}: quality vs measured sampling time ({_DATA[kind]})")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

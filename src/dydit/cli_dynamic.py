@@ -30,7 +30,8 @@ def finetune(
     lr: Optional[float] = typer.Option(None, help=_recipe_help("optim.lr")),
     seed: Optional[int] = typer.Option(None, help=_recipe_help("optim.seed")),
     peft: Optional[str] = typer.Option(None, help=_recipe_help("peft.method")),
-    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's) or an image tree"),
+    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's; video models move its items: "
+                                                     "Moving Fashion-MNIST) or an image tree"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt (refused if the recipe or data "
                                 "differ from the run's)"),
     resume_with_changes: bool = typer.Option(False, help="with --resume: continue even though settings that "
@@ -45,7 +46,7 @@ def finetune(
     parallel: str = typer.Option("ddp", help="under torchrun: ddp (replicas), or fsdp (FSDP2: weights, gradients "
                                  "and optimizer sharded; checkpoint.dcp/)"),
 ):
-    """Fine-tune a static DiT/SiT into a DyDiT under a FLOPs target (runs under torchrun for DDP).
+    """Fine-tune a static DiT/SiT/Latte into a DyDiT (DyLatte on video) under a FLOPs target (runs under torchrun for DDP).
 
     What it trains is a recipe: --recipe picks one, --set and the options that name a recipe key change single fields. The other options say where the data is and how this machine runs it.
     """
@@ -224,8 +225,12 @@ def demo(
     per_class: int = typer.Option(8, help="samples per class in each grid"),
     seed: int = typer.Option(0, help="seed (same noise for every model)"),
     repeats: int = typer.Option(3, help="timed repeats (median)"),
+    video: Optional[list[str]] = typer.Option(None, help="video models instead: static=PATH and LAMBDA=PATH per "
+                                              "DyLatte (repeatable); static and DyLatte side by side as animated "
+                                              "GIFs (without it: the shipped video models, when there are any)"),
 ):
-    """Sample the embedded Fashion-MNIST models: static vs DyDiT side by side (grids, GMACs, s/image)."""
+    """Sample the embedded Fashion-MNIST models: static vs DyDiT side by side (grids, GMACs, s/image); video
+    models (Latte) static vs DyLatte as GIFs."""
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -246,6 +251,14 @@ def demo(
     console = Console()
     out_dir = Path(out)
     check_writable_folder(out_dir)
+    if video:
+        from dydit.bench_compare import parse_video_models
+
+        try:
+            video_models = parse_video_models(video)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        return _video_demo(video_models, out_dir, steps, cfg_scale, per_class, seed, repeats, console)
     models = [("static", default_model_path())]
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
@@ -290,6 +303,72 @@ def demo(
     console.print(table)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"grids written to [bold]{out_dir.resolve()}[/bold] (one row per class index 0-9, columns = samples)")
+    shipped = {("static" if name == "mfmnist_latte" else name.rsplit("_", 1)[1]): ASSETS_DIR / name
+               for name in ("mfmnist_latte", "mfmnist_dylatte_0.7", "mfmnist_dylatte_0.5") if (ASSETS_DIR / name).exists()}
+    if "static" in shipped:
+        _video_demo(shipped, out_dir / "video", steps, cfg_scale, per_class, seed, repeats, console)
+
+
+def _video_demo(models: dict, out_dir: Path, steps: int, cfg_scale: float, per_class: int, seed: int,
+                repeats: int, console):
+    """Static Latte and DyLatte side by side: one GIF grid per model and one with all of them, left to right
+    (same noise and labels), with FLOPs ratio, GMACs and measured s/video."""
+    import numpy as np
+    import torch
+    from rich.table import Table
+
+    import dydit
+    from dydit.dynamic import DynamicContext
+    from dydit.dynamic.flops import flops_spec
+    from dydit.dynamic.report import summarize
+    from dydit.sampling import sample
+    from dydit.viz import save_gif, to_uint8_images, video_grid_frames
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {k: ("static" if k == "static" else f"DyLatte λ={k}") for k in models}
+    loaded = {names[k]: dydit.load(p) for k, p in models.items()}
+    if any(getattr(m.config, "num_frames", None) is None for m in loaded.values()):
+        raise typer.BadParameter("--video takes video models (Latte); image models run without --video")
+    n_cls = min(10, next(iter(loaded.values())).config.num_classes)
+    labels = torch.arange(n_cls).repeat_interleave(per_class)  # one row per class
+
+    def run(model):
+        ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
+        return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx), ctx
+
+    seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
+    first = next(iter(loaded))
+    table = Table(title=f"Moving Fashion-MNIST videos, DDIM {steps} steps, CFG {cfg_scale}, {len(labels)} videos, "
+                        f"{torch.get_num_threads()} CPU threads")
+    for col in ("model", "FLOPs ratio", "GMACs/video", "s/video", "speedup", "GIF"):
+        table.add_column(col)
+    grids, summary = [], []
+    for name, model in loaded.items():
+        x, dyn = run(model)
+        s = summarize(dyn.usage if dyn is not None else None, flops_spec(model), 2 if cfg_scale != 1.0 else 1,
+                      forwards=steps)
+        u8 = to_uint8_images(x.flatten(0, 1), pad=model.config.pixel_pad)
+        frames = video_grid_frames(u8.reshape(x.shape[0], x.shape[1], *u8.shape[1:]), per_class, scale=3)
+        gif = save_gif(frames, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.gif")
+        grids.append(frames)
+        per_video = seconds[name] / len(labels)
+        row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_video=s["gmacs_per_image"],
+                   s_per_video=per_video, speedup=seconds[first] / seconds[name], gif=str(gif))
+        summary.append(row)
+        table.add_row(name, f"{row['flops_ratio']:.3f}", f"{row['gmacs_per_video']:.3f}", f"{per_video:.3f}",
+                      f"{row['speedup']:.2f}×", str(gif))
+    first_grid = grids[0][0]
+    spacer = np.full((first_grid.shape[0], 12, first_grid.shape[2]), 255, np.uint8)  # white between the models
+    side = []
+    for mosaics in zip(*grids):  # one GIF frame: every model's mosaic of that video frame, left to right
+        parts = [mosaics[0]]
+        for m in mosaics[1:]:
+            parts += [spacer, m]
+        side.append(np.concatenate(parts, axis=1))
+    both = save_gif(side, out_dir / "side_by_side.gif")
+    console.print(table)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"side by side ({', '.join(loaded)}, left to right; one row per class): [bold]{both}[/bold]")
 
 
 def plan(
@@ -331,11 +410,15 @@ def plan(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps(plan_json(ctx.usage, spec, s), indent=1))
     if ctx.token_masks and model.config.vae is None:  # token maps are drawn over pixel-space images
-        patch = model.config.patch_size
-        sel = token_selectivity(ctx.token_masks, images, patch, threshold=object_threshold)
+        patch, masks = model.config.patch_size, ctx.token_masks
+        if images.ndim == 5:  # a video model: every frame is an image of the report (videos in order)
+            from dydit.dynamic.token_report import frames_as_images
+
+            images, masks = frames_as_images(images, masks, [b.kind for b in spec.blocks])
+        sel = token_selectivity(masks, images, patch, threshold=object_threshold)
         (out_dir / "selectivity.json").write_text(json.dumps(sel, indent=1))
         (out_dir / "selectivity.md").write_text(selectivity_table(sel))
-        token_keep_maps(ctx.token_masks, images, patch, out_dir / "token_maps.png")
+        token_keep_maps(masks, images, patch, out_dir / "token_maps.png")
     text = (f"# Inference plan of {checkpoint}\n\nsampler {sampler}, {steps} steps, CFG {cfg_scale}, "
             f"{num_images} images\n\nrealised FLOPs ratio {s['flops_ratio']:.3f}; GMACs per forward "
             f"{s['gmacs_per_forward']:.4f} (static {s['static_gmacs_per_forward']:.4f}); GMACs per image "
@@ -443,18 +526,22 @@ def bench_compare_cmd(
     row: Optional[list[str]] = typer.Option(None, help="extra row name=path[,steps=N][,fbcache=R][,adapters=DIR] "
                                             "(ablations, pruning, fine-tuned static...); repeatable"),
     defaults: bool = typer.Option(True, help="include the rows the shipped models support"),
+    video: Optional[list[str]] = typer.Option(None, help="video models instead (B4): static=PATH and LAMBDA=PATH "
+                                              "per DyLatte (e.g. --video static=S --video 0.5=D); gives the video "
+                                              "rows (static, DyLatte, fewer steps, FBCache, stacked) and metrics"),
     out: str = typer.Option("docs/results/b3_compare", help="output prefix (.md, .json, .png)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, help="keep the rows OUT.rows.jsonl already scored with the same "
                                 "settings and weights; score only the others (timing always reruns)"),
     timing_repeats: int = typer.Option(3, help="interleaved timing rounds (median); 0: time the quality pass"),
 ):
-    """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image."""
+    """B3: static vs DyDiT vs fewer steps vs caching (and any extra rows): FID, accuracy, GMACs, s/image; with
+    --video the same for Latte/DyLatte on Moving Fashion-MNIST with the video metrics (B4)."""
     import logging
 
     import torch
 
-    from dydit.bench_compare import default_rows, parse_row, run_compare
+    from dydit.bench_compare import default_rows, parse_row, parse_video_models, run_compare, video_rows
 
     from dydit.errors import check_count, check_finite
 
@@ -466,13 +553,21 @@ def bench_compare_cmd(
     if threads:
         torch.set_num_threads(threads)
     try:
-        rows = (default_rows(steps, fbcache) if defaults else []) + [parse_row(r) for r in row or []]
+        if video:  # the shipped image models' rows do not mix with video rows
+            base = video_rows(parse_video_models(video), steps, fbcache)
+        else:
+            base = default_rows(steps, fbcache) if defaults else []
+        rows = base + [parse_row(r) for r in row or []]
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if not rows:
         raise typer.BadParameter("no rows: keep --defaults or pass --row")
-    typer.echo(run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out, resume=resume,
-                           timing_repeats=timing_repeats))
+    try:
+        table = run_compare(rows, num_samples, sampler, steps, cfg_scale, seed, batch_size, out, resume=resume,
+                            timing_repeats=timing_repeats)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(table)
 
 
 def register(app: typer.Typer):

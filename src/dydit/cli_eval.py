@@ -19,7 +19,11 @@ def eval_command(
     seed: int = typer.Option(0, help="seed of the initial noise"),
     batch_size: int = typer.Option(250, help="sampling batch size"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results to this JSON file"),
-    npz: Optional[str] = typer.Option(None, help="score these samples (arr_0 images, arr_1 labels) instead of sampling"),
+    npz: Optional[str] = typer.Option(None, help="score these samples (arr_0 images, or videos (N, F, H, W, C), "
+                                      "arr_1 labels) instead of sampling"),
+    save_npz: Optional[str] = typer.Option(None, help="also write the generated samples here (uint8 RGB arr_0, "
+                                           "labels arr_1): videos for your own FVD, which needs I3D weights that "
+                                           "dydit cannot fetch offline"),
     data: Optional[str] = typer.Option(None, help="folder with the Fashion-MNIST IDX files"),
     cache_dir: Optional[str] = typer.Option(None, help="where reference statistics are cached (default ~/.cache/dydit)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
@@ -35,7 +39,8 @@ def eval_command(
                                 "weights and every setting) so that an interrupted eval resumes where it stopped; "
                                 "removed once the eval completes"),
 ):
-    """FID (FMNIST classifier) against the 10k test images and conditional accuracy (benchmark B1)."""
+    """FID (FMNIST classifier) against the 10k test images and conditional accuracy (benchmark B1); on a video
+    model (Latte), per-frame FID and accuracy on item crops, frame consistency, motion error and s/video (B4)."""
     import torch
 
     from dydit import evaluate
@@ -56,7 +61,12 @@ def eval_command(
     try:
         if npz is not None:
             images, labels = evaluate.load_npz_samples(npz)
-            result = evaluate.evaluate_images(images, labels, data=data, cache_dir=cache_dir)
+            if images.ndim == 5:  # videos (N, F, H, W, C)
+                from dydit.video_metrics import evaluate_videos
+
+                result = evaluate_videos(images, labels, data=data, cache_dir=cache_dir)
+            else:
+                result = evaluate.evaluate_images(images, labels, data=data, cache_dir=cache_dir)
             result["source"] = str(npz)
         else:
             from dydit.assets import default_model_path
@@ -72,7 +82,7 @@ def eval_command(
                 path, num_samples=num_samples, sampler=sampler, steps=steps,
                 cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, fbcache=fbcache, adapters=adapters,
                 model_name=model_name, objective=objective, data=data, cache_dir=cache_dir, device=device,
-                keep_dir=keep)
+                save_npz=save_npz, keep_dir=keep)
             if keep is not None:
                 import shutil
 
@@ -94,11 +104,15 @@ def _print_table(result: dict):
     from rich.table import Table
 
     from dydit.evaluate import FID_NAME
+    from dydit.video_metrics import VIDEO_FID_NAME
 
     table = Table(title="dydit eval")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    names = {"fid": FID_NAME, "cond_acc": "conditional accuracy", "s_per_image": "s / image"}
+    names = {"fid": FID_NAME, "cond_acc": "conditional accuracy", "s_per_image": "s / image",
+             "frame_fid": VIDEO_FID_NAME, "frame_acc": "per-frame class accuracy",
+             "consistency": "frame consistency (one class in every frame)",
+             "motion_error_px": "motion error (px, vs constant-velocity bouncing)", "s_per_video": "s / video"}
     for key, value in result.items():
         if value is None:
             continue

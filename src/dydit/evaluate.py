@@ -168,7 +168,8 @@ def load_npz_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
 @torch.no_grad()
 def generate_samples(model, num_samples: int, sampler: str | None = None, steps: int = 25, cfg_scale: float = 1.5,
                      seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True, keep_dir=None):
-    """Class-balanced samples: returns (uint8 (N, H, W, C), labels (N,), sampling seconds).
+    """Class-balanced samples: returns (uint8 (N, H, W, C), labels (N,), sampling seconds); a video model's
+    samples are uint8 (N, F, H, W, C).
 
     ``keep_dir``: each finished batch is written there (atomically) and read back instead of resampled
     when it exists, so an interrupted run resumes; the caller keys the folder by model and settings. The
@@ -176,15 +177,16 @@ def generate_samples(model, num_samples: int, sampler: str | None = None, steps:
     """
     # Labels cycle through the classes (num_samples / num_classes each when divisible). All initial
     # noise comes from one generator, so deterministic samplers give the same images for any batch size.
-    from dydit.sampling import sample
+    from dydit.sampling import sample, video_frames
     from dydit.viz import to_uint8_images
 
     cfg = model.config
     sampler = sampler or default_sampler(model)
     device = next(model.parameters()).device
     labels = torch.arange(num_samples) % cfg.num_classes
-    noise = torch.randn(num_samples, cfg.in_channels, cfg.input_size, cfg.input_size,
-                        generator=torch.Generator().manual_seed(seed))
+    frames = video_frames(model)
+    noise = torch.randn(num_samples, *((frames,) if frames else ()), cfg.in_channels, cfg.input_size,
+                        cfg.input_size, generator=torch.Generator().manual_seed(seed))
     was_training = model.training
     model.eval()
     batches = range(0, num_samples, batch_size)
@@ -210,7 +212,11 @@ def generate_samples(model, num_samples: int, sampler: str | None = None, steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
-        images.append(to_uint8_images(x, pad=cfg.pixel_pad))
+        if frames:  # (B, F, C, H, W) -> uint8 (B, F, H, W, C)
+            u8 = to_uint8_images(x.flatten(0, 1), pad=cfg.pixel_pad)
+            images.append(u8.reshape(x.shape[0], x.shape[1], *u8.shape[1:]))
+        else:
+            images.append(to_uint8_images(x, pad=cfg.pixel_pad))
         if kept is not None and b != last:
             from dydit.io.atomic import atomic_path
 
@@ -222,8 +228,13 @@ def generate_samples(model, num_samples: int, sampler: str | None = None, steps:
 
 def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, steps: int = 25,
                    cfg_scale: float = 1.5, seed: int = 0, batch_size: int = 250, dyn=None, progress: bool = True,
-                   classifier=None, reference=None, cache_dir=None, data: str | None = None, keep_dir=None) -> dict:
-    """Samples ``num_samples`` class-balanced images and scores them (B1); see :func:`generate_samples`."""
+                   classifier=None, reference=None, cache_dir=None, data: str | None = None,
+                   save_npz=None, keep_dir=None) -> dict:
+    """Samples ``num_samples`` class-balanced images and scores them (B1); see :func:`generate_samples`.
+
+    A video model's samples are scored by :func:`dydit.video_metrics.evaluate_videos` (B4: per-frame FID
+    and accuracy, frame consistency, motion error) and timed per video. ``save_npz`` also writes the
+    samples (uint8 RGB ``arr_0``, labels ``arr_1``: the input of users' own FID or FVD)."""
     sampler = sampler or default_sampler(model)
     if reference is None:  # the real images first: missing data fails before any sample is drawn
         from dydit.classifier import load_classifier
@@ -232,19 +243,39 @@ def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, s
         reference = reference_statistics(classifier, data=data, cache_dir=cache_dir)
     images, labels, seconds = generate_samples(model, num_samples, sampler, steps, cfg_scale, seed, batch_size,
                                                dyn=dyn, progress=progress, keep_dir=keep_dir)
+    video = images.ndim == 5
+    if save_npz:
+        from dydit.video_metrics import save_videos_npz
+
+        if video:
+            save_videos_npz(save_npz, images, labels)
+        else:
+            save_images_npz(save_npz, images, labels)
+    settings = {"num_samples": num_samples, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+                "seed": seed, "seconds": seconds}
+    if video:
+        from dydit.video_metrics import evaluate_videos
+
+        scores = evaluate_videos(images, labels, classifier=classifier, reference=reference, data=data,
+                                 cache_dir=cache_dir)
+        return {**{k: scores[k] for k in ("frame_fid", "frame_acc", "consistency", "motion_error_px",
+                                          "num_frames")}, **settings, "s_per_video": seconds / max(num_samples, 1)}
     scores = evaluate_images(images, labels, classifier=classifier, reference=reference, cache_dir=cache_dir,
                              data=data)
-    return {
-        "fid": scores["fid"],
-        "cond_acc": scores["cond_acc"],
-        "num_samples": num_samples,
-        "sampler": sampler,
-        "steps": steps,
-        "cfg_scale": cfg_scale,
-        "seed": seed,
-        "seconds": seconds,
-        "s_per_image": seconds / max(num_samples, 1),
-    }
+    return {"fid": scores["fid"], "cond_acc": scores["cond_acc"], **settings,
+            "s_per_image": seconds / max(num_samples, 1)}
+
+
+def save_images_npz(path, images: np.ndarray, labels=None) -> Path:
+    """uint8 images (N, H, W, C) as ``arr_0`` (grayscale replicated to RGB, as the ADM suite wants) and
+    labels as ``arr_1``."""
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": rgb} if labels is None else {"arr_0": rgb, "arr_1": np.asarray(labels)}
+    with open(path, "wb") as f:  # a file object keeps the name as given (np.savez would append .npz)
+        np.savez(f, **arrays)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +286,9 @@ def evaluate_model(model, num_samples: int = 5000, sampler: str | None = None, s
 def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int = 25, cfg_scale: float = 1.5,
                         seed: int = 0, batch_size: int = 250, fbcache: float | None = None, adapters=None,
                         model_name=None, objective=None, data=None, cache_dir=None, device=None,
-                        progress: bool = True, keep_dir=None) -> dict:
-    """B1 for one checkpoint: FID (FMNIST classifier), conditional accuracy, s/image, realised GMACs.
+                        progress: bool = True, save_npz=None, keep_dir=None) -> dict:
+    """B1 for one checkpoint: FID (FMNIST classifier), conditional accuracy, s/image, realised GMACs; for a
+    video model B4's metrics (:func:`evaluate_model`), s/video and GMACs per video.
 
     Dynamic checkpoints run on the fast engine; ``adapters`` applies TD-LoRA/LoRA adapters to the base
     ``path`` (merged per timestep); ``fbcache`` stacks First-Block-Cache on either.
@@ -275,7 +307,8 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
                                         fbcache, adapters, data, cache_dir, dev)
     with wrap() as cache:
         result = evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
-                                data=data, cache_dir=cache_dir, progress=progress, keep_dir=keep_dir)
+                                data=data, cache_dir=cache_dir, progress=progress, save_npz=save_npz,
+                                keep_dir=keep_dir)
     spec, cfg_batches = flops_spec(model), 2 if cfg_scale != 1.0 else 1
     if cache is not None:
         from dydit.cache import cached_macs
@@ -288,6 +321,8 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
                       forwards=sampling_forwards(model, result["sampler"], steps))
         result.update(flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
                       gmacs_per_image=s["gmacs_per_image"])
+    if "s_per_video" in result:  # a video model: the FLOPs counter counts one video sample
+        result["gmacs_per_video"] = result.pop("gmacs_per_image")
     result["source"] = f"{path} + {adapters}" if adapters else str(path)
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     result["threads"] = torch.get_num_threads()

@@ -157,6 +157,17 @@ def _save_checkpoint_or_explain(path, model, ema, opt, step, cfg, task, last_sav
 # ---------------------------------------------------------------------------------------------
 
 
+def process_layout(fn, x, video: bool):
+    """``(fn, x)`` as the diffusion and flow processes take them: a video model's f on (B, F, C, H, W)
+    and its batch become channels-first (B, C, F, H, W) (see :func:`dydit.sampling.channels_first`);
+    images pass unchanged. ``fn`` itself always sees the model's own layout."""
+    if not video:
+        return fn, x
+    from dydit.sampling import channels_first
+
+    return channels_first(fn), x.transpose(1, 2)
+
+
 class StaticTask:
     """The backbone's own loss: IDDPM ε-MSE + VLB for diffusion, velocity MSE for flow."""
 
@@ -169,12 +180,8 @@ class StaticTask:
         self.video = getattr(model.config, "num_frames", None) is not None  # x: (B, F, C, H, W)
 
     def loss(self, model, x, y, step, gen):
-        from dydit.sampling import channels_first
-
         t = self.process.sample_t(len(x), x.device, generator=gen)
-        fn = lambda xt, mt: model(xt, mt, y)  # noqa: E731
-        if self.video:  # the processes want channels on dim 1
-            fn, x = channels_first(fn), x.transpose(1, 2)
+        fn, x = process_layout(lambda xt, mt: model(xt, mt, y), x, self.video)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
         terms = self.process.training_losses(fn, x, t, noise)
         return terms["loss"].mean(), {"loss": terms["loss"].mean().item(), "mse": terms["mse"].mean().item()}

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from dydit.data.fashion_mnist import load_fashion_mnist
 
+ITEM_SIZE = 14  # side of the item on the canvas (the 28x28 image area-resized: half size)
+STEP_LENGTH = 0.2  # speed per frame, in units of the free range (canvas − item size)
+
 
 def bouncing_trajectory(rng: np.random.Generator, num_frames: int, step_length: float) -> np.ndarray:
     """(num_frames, 2) positions (y, x) in [0, 1] of the Moving-MNIST bouncing walk."""
@@ -41,7 +44,7 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
     """Videos (F, 1, canvas, canvas) in [-1, 1] of one Fashion-MNIST item bouncing on a black canvas."""
 
     def __init__(self, split: str = "train", root: str | None = None, num_frames: int = 8, canvas: int = 32,
-                 item_size: int = 14, step_length: float = 0.2, seed: int = 0, limit: int | None = None):
+                 item_size: int = ITEM_SIZE, step_length: float = STEP_LENGTH, seed: int = 0, limit: int | None = None):
         """``item_size``: the 28x28 item is area-resized to this side (14: half size, so it has room to move
         on a 32-pixel canvas); ``step_length``: speed per frame as a fraction of the free range."""
         if not 1 <= item_size <= canvas:

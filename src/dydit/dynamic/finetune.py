@@ -16,6 +16,7 @@ from dydit.dynamic.context import DynamicContext
 from dydit.dynamic.convert import router_parameters
 from dydit.dynamic.flops import dynamic_ratio, flops_spec
 from dydit.dynamic.loss import flops_loss, target_at
+from dydit.train import process_layout
 
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class FinetuneTask:
             obj = model.config.objective
             self.process = GaussianDiffusion(learn_sigma=model.config.learn_sigma) if obj == "diffusion" else FlowMatching()
         self.spec = flops_spec(model)
+        self.video = getattr(model.config, "num_frames", None) is not None  # x: (B, F, C, H, W)
         self.offset = 0.0  # inference ratio − training ratio, last measured
         self.inference_ratio = None
         self._acc = [0.0, 0]  # training ratios since the last feedback (sum, count)
@@ -122,7 +124,7 @@ class FinetuneTask:
         rparams = [p for p in model.parameters() if p.requires_grad and id(p) in routers]
         scale = (self.cfg.router_lr / train_cfg.lr) if self.cfg.router_lr else 1.0
         inner = getattr(model, "module", model)
-        temb = {id(p) for p in _time_embedder(inner).parameters()} if self.cfg.freeze_time_embed else set()
+        temb = {id(p) for m in _router_input_modules(inner) for p in m.parameters()} if self.cfg.freeze_time_embed else set()
         groups = [{"params": [p for p in base if id(p) not in temb], "lr_scale": 1.0},
                   {"params": [p for p in base if id(p) in temb], "lr_scale": 1.0, "name": "time_embed"},
                   {"params": rparams, "lr_scale": scale}]
@@ -144,12 +146,14 @@ class FinetuneTask:
             p = getattr(model, "module", model).y_embedder.dropout_prob
             drop = (torch.rand(B, device=y.device) < p).long() if p > 0 else None
 
-        def student(xt, mt):
+        def student(xt, mt):  # xt in the model's layout (videos: (B, F, C, H, W))
             seen.update(xt=xt, mt=mt)
             seen["out"] = model(xt, mt, y, dyn=ctx, force_drop_ids=drop) if drop is not None else model(xt, mt, y, dyn=ctx)
             return seen["out"]
 
-        terms = self.process.training_losses(student, x, t, noise)
+        fn, xp = process_layout(student, x, self.video)
+        noise = noise if not self.video else noise.transpose(1, 2)
+        terms = self.process.training_losses(fn, xp, t, noise)
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
@@ -169,7 +173,8 @@ class FinetuneTask:
         if step < self.cfg.warmup_steps:
             inner = getattr(model, "module", model)  # one DDP forward per step; see docs/ARCHITECTURE.md
             full = DynamicContext("complete")
-            complete = self.process.training_losses(lambda xt, mt: inner(xt, mt, y, dyn=full), x, t, noise)
+            fn, xp = process_layout(lambda xt, mt: inner(xt, mt, y, dyn=full), x, self.video)
+            complete = self.process.training_losses(fn, xp, t, noise)
             loss = loss + complete["loss"].mean()
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
@@ -227,7 +232,8 @@ class FinetuneTask:
                 inner = getattr(model, "module", model)
                 from dydit.fsdp import full_state_dict
 
-                _time_embedder(ema).load_state_dict(full_state_dict(_time_embedder(inner)))
+                for live, averaged in zip(_router_input_modules(inner), _router_input_modules(ema)):
+                    averaged.load_state_dict(full_state_dict(live))
             group["lr_scale"] = 0.0
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
@@ -322,16 +328,17 @@ class FinetuneTask:
         return DynamicContext("fast")
 
 
+def _router_input_modules(model) -> list:
+    """The modules that compute the width routers' input (DiT and Latte: ``t_embedder``; diffusers Latte: the
+    timestep part of ``adaln_single``), from the backbone's model adapter."""
+    from dydit.dynamic.adapters import model_adapter
+
+    return list(model_adapter(model).router_input_modules(model))
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole run: a static checkpoint and a recipe in, a DyDiT out
 # ---------------------------------------------------------------------------------------------
-
-
-def _time_embedder(model):
-    """The module that embeds t for the width routers (DiT: t_embedder; FLUX: its timestep embedder)."""
-    if hasattr(model, "t_embedder"):
-        return model.t_embedder
-    return model.time_text_embed.timestep_embedder
 
 
 def finetune_config(recipe) -> FinetuneConfig:
@@ -371,7 +378,7 @@ class FinetuneResult:
 def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_after: int | None = None,
              ckpt_every: int = 100, sample_every: int = 0, limit_data: int | None = None,
              threads: int | None = None, bf16: bool = False, progress: bool = True,
-             resume_with_changes: bool = False, parallel: str = "ddp") -> FinetuneResult:
+             resume_with_changes: bool = False, parallel: str = "ddp", log_every: int = 25) -> FinetuneResult:
     """Fine-tunes the static checkpoint ``init`` into a DyDiT under ``recipe`` (a Recipe, a name of
     :data:`~dydit.dynamic.recipe.RECIPES`, a recipe JSON file; None: ``default``); runs under torchrun for DDP,
     or FSDP with ``parallel="fsdp"`` (:mod:`dydit.fsdp`: sharded training state and ``checkpoint.dcp/``).
@@ -429,6 +436,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
                      grad_clip=o.grad_clip, grad_skip=o.grad_skip, bf16=bf16, seed=o.seed, ckpt_every=ckpt_every,
                      sample_every=sample_every, resume=resume, limit_data=limit_data, stop_after=stop_after,
                      threads=threads, resume_with_changes=resume_with_changes, parallel=parallel,
+                     log_every=log_every,
                      extra={"finetune": ft.to_dict(), "init": str(init), "recipe": recipe.to_dict()})
     teacher = dydit.load(init) if recipe.distill.weight > 0 else None  # the static function, before pruning or routing
     task = FinetuneTask(model, ft, teacher=teacher)

@@ -25,6 +25,20 @@ def _masks_by_step(token_masks, num_images: int):
     return ts, blocks, {t: torch.stack([steps[t][b] for b in blocks]) for t in ts}
 
 
+def frames_as_images(videos: torch.Tensor, token_masks, kinds: list[str]):
+    """A video run as an image run of its frames: videos (B, F, C, H, W) -> (B·F, C, H, W), and every token
+    mask (B', F·N) -> (B'·F, N), frame by frame. Spatial blocks record a sample's tokens frame-major (its rows
+    are frames), temporal blocks position-major (its rows are patch positions): ``kinds`` (the block kind of
+    each routed block, :func:`dydit.dynamic.flops.flops_spec`) says which to reorder."""
+    B, F = videos.shape[:2]
+    out = []
+    for t, block, keep in token_masks:
+        rows, n = keep.shape[0], keep.shape[1] // F
+        per_frame = keep.view(rows, n, F).transpose(1, 2) if kinds[block] == "temporal" else keep.view(rows, F, n)
+        out.append((t, block, per_frame.reshape(rows * F, n)))
+    return videos.flatten(0, 1), out
+
+
 def object_patches(images: torch.Tensor, patch: int, threshold: float = 0.1) -> torch.Tensor:
     """(B, N) bool: patches whose mean intensity (images in [-1, 1], mapped to [0, 1]) exceeds ``threshold``.
 

@@ -124,6 +124,10 @@ class TDLoRALinear(nn.Module):
         if t_emb.shape[0] != batch:
             if t_emb.shape[0] == 1 or bool((t_emb == t_emb[:1]).all()):
                 return t_emb[:1].expand(batch, -1)  # one timestep for the whole batch (fast-mode sampling)
+            if batch % t_emb.shape[0] == 0:
+                # video backbones fold frames or positions into the batch, sample-major ((b f) or (b n) rows,
+                # as Latte does): each sample's rows take its E_t
+                return t_emb.repeat_interleave(batch // t_emb.shape[0], dim=0)
             raise RuntimeError(f"TD-LoRA layer got a batch of {batch} but E_t has {t_emb.shape[0]} rows; "
                                "inputs must keep the batch dimension first")
         return t_emb
