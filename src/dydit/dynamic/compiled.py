@@ -82,17 +82,15 @@ class FastRun:
     eager fast path does at full width); ``heads``: head unit name -> active head count.
     """
 
-    def __init__(self, block, weights: dict, heads: dict, token_routers: dict, samples: int, skipped: bool,
-                 record: bool):
+    def __init__(self, block, weights: dict, heads: dict, token_routers: dict, samples: int, skipped: bool):
         self.block = block
         self.weights = weights
         self.heads = heads
         self.token_routers = token_routers  # unit name -> block attribute of its token router
         self.samples = samples
         self.skipped = skipped
-        self.record = record  # count kept tokens (usage reports)
         self.keep = None  # per-sample token mask (B, repeat·N) of the last token update
-        self.kept = None  # tokens that ran the routed branch (a 0-d tensor), when ``record``
+        self.kept = None  # tokens that ran the routed branch (a 0-d tensor; read only by usage reports)
 
     def num_heads(self, unit: str) -> int:
         return self.heads[unit]
@@ -118,14 +116,12 @@ class FastRun:
         name = self.token_routers.get(unit)
         router = getattr(self.block, name, None) if name is not None else None
         if router is None:
-            if self.record:
-                self.kept = torch.ones_like(x[..., 0], dtype=torch.long).sum()
+            self.kept = torch.full((), x.shape[0] * x.shape[1], dtype=torch.long)
             return x + update_fn(x, _pick_rows)
         keep = router.keep(x, *route)  # (B·repeat, N)
         self.keep = keep.reshape(x.shape[0] // repeat, -1)
         xs, flat_idx, sample_idx = gather_tokens(x, keep)  # (M, D), M data-dependent
-        if self.record:
-            self.kept = keep.sum()
+        self.kept = keep.sum()
         pick = _picker(x.shape[0], x.shape[1], flat_idx, sample_idx)
         return scatter_add_tokens(x, flat_idx, update_fn(xs, pick))
 
@@ -150,7 +146,7 @@ def prepare(ctx, block, index: int) -> FastRun | None:
             rows, cols = binding.indices(index, width, path, module)
             w, b = ctx.weights.restricted(plain, rows, cols, (width.key, path))
             weights[path] = (w.detach(), b.detach() if b is not None else None)
-    return FastRun(block, weights, heads, token_routers, ctx.t_emb.shape[0], width.skipped, ctx.record_usage)
+    return FastRun(block, weights, heads, token_routers, ctx.t_emb.shape[0], width.skipped)
 
 
 def run_block(ctx, block, index: int, args, kwargs):
@@ -159,8 +155,14 @@ def run_block(ctx, block, index: int, args, kwargs):
     run = prepare(ctx, block, index)
     if run is None:
         return None
-    with torch._dynamo.config.patch(**DYNAMO_CONFIG):
-        out = _compiled(_dynamic_block, ctx.compile)(block_adapter(block), block, run, args, kwargs)
+    if run.skipped:  # a skipped block computes nothing: its input, returned by the adapter, eagerly
+        out = block_adapter(block).forward(block, run, *args, **kwargs)
+    else:
+        # one input layout (the patch embedding's tokens arrive transposed): one graph per width pattern
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with torch._dynamo.config.patch(**DYNAMO_CONFIG):
+            out = _compiled(_dynamic_block, ctx.compile)(block_adapter(block), block, run, args, kwargs)
     if run.keep is not None:
         ctx.record_token_mask(index, run.keep)
     if ctx.record_usage:
