@@ -13,6 +13,7 @@ from dydit.sampling import sample
 from helpers import randomize, scramble_routers
 
 AOT = {"backend": "aot_eager"}  # the tests trace and partition as inductor does, without C++ codegen
+DYNAMO = {"backend": "eager"}  # dynamo's capture alone (fullgraph: a graph break fails the call)
 
 
 def rel_err(a, b):
@@ -109,10 +110,13 @@ def test_latte_and_flux_adapters_compile_without_graph_breaks(fresh_dynamo):
     latte = scramble_routers(dynamize(tiny())).eval()
     x, y, t = video(2), torch.tensor([1, 2]), torch.full((2,), 300.0)
     with torch.no_grad():
-        assert rel_err(latte(x, t, y, dyn=DynamicContext("fast", compile=AOT)), latte(x, t, y, dyn="fast")) < 1e-5
+        assert rel_err(latte(x, t, y, dyn=DynamicContext("fast", compile=DYNAMO)), latte(x, t, y, dyn="fast")) < 1e-5
+    latte_graphs = counters["stats"]["unique_graphs"]
+    assert latte_graphs >= 2  # compiled, not run eagerly: spatial and temporal blocks (their own adapters)
     flux = scramble(dynamize(tiny_flux(True)))  # ff_context unrouted: run.linear of a Linear no unit spans
     kw = flux_inputs(2, True)
-    assert rel_err(run(flux, kw, DynamicContext("fast", compile=AOT)), run(flux, kw, "fast")) < 1e-5
+    assert rel_err(run(flux, kw, DynamicContext("fast", compile=DYNAMO)), run(flux, kw, "fast")) < 1e-5
+    assert counters["stats"]["unique_graphs"] >= latte_graphs + 2  # double and single blocks
     assert not counters["graph_break"]
 
 
@@ -121,4 +125,5 @@ def test_inductor_compiled_fast_path(fresh_dynamo):
     a = sample(model, [1, 2], "ddim", 3, cfg_scale=4.0, dyn="fast")
     b = sample(model, [1, 2], "ddim", 3, cfg_scale=4.0, compile=True)
     assert rel_err(b, a) < 1e-5
+    assert counters["stats"]["unique_graphs"] >= 1
     assert not counters["graph_break"]
