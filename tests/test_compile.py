@@ -127,3 +127,18 @@ def test_inductor_compiled_fast_path(fresh_dynamo):
     assert rel_err(b, a) < 1e-5
     assert counters["stats"]["unique_graphs"] >= 1
     assert not counters["graph_break"]
+
+
+def test_cli_sample_compile(fresh_dynamo, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import dydit.dynamic.compiled as compiled
+    from dydit.cli import app
+
+    monkeypatch.setitem(compiled.DEFAULTS, "backend", "eager")  # the CLI's path, without inductor's codegen
+    r = CliRunner().invoke(app, ["sample", "--classes", "0", "--steps", "2", "--compile", "--threads", "2",
+                                 "--out", str(tmp_path / "g.png")])
+    assert r.exit_code == 0, r.output
+    assert counters["stats"]["unique_graphs"] >= 1 and (tmp_path / "g.png").exists()
+    r = CliRunner().invoke(app, ["sample", "--compile", "--fbcache", "0.1", "--out", ""])
+    assert r.exit_code != 0 and "--compile and --fbcache" in r.output
