@@ -120,11 +120,13 @@ def render(r) -> str:
     if r["machine"]:
         lines += [f"Machine: {r['machine']} (load average at the end: "
                   f"{', '.join(f'{v:.2f}' for v in r['load_average'])}).", ""]
-    lines += ["| variant | steady state s | first run s | compile s | graphs | graph breaks |", "|---|---|---|---|---|---|"]
+    lines += ["| variant | steady state s | rounds min–max s | first run s | compile s | graphs | graph breaks |",
+              "|---|---|---|---|---|---|---|"]
     for n, t in r["median_s"].items():
         g = r["graphs"].get(n)
         comp = r["compile_s"].get(n)
-        lines.append(f"| {n} | {t:.3f} | {r['first_run_s'][n]:.2f} | {'' if comp is None else f'{comp:.1f}'} | "
+        lo, hi = min(r["times_s"][n]), max(r["times_s"][n])
+        lines.append(f"| {n} | {t:.3f} | {lo:.2f}–{hi:.2f} | {r['first_run_s'][n]:.2f} | {'' if comp is None else f'{comp:.1f}'} | "
                      f"{'' if g is None else g['unique_graphs']} | {'' if g is None else g['graph_breaks']} |")
     lines += ["", "| speedup | × |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["speedup"].items()]

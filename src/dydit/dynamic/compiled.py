@@ -32,7 +32,7 @@ from dydit.dynamic.ops import gather_tokens, scatter_add_tokens
 DEFAULTS = {"backend": "inductor", "dynamic": True, "fullgraph": True}
 # Dynamo settings of the compiled calls (patched around each call, so nothing global changes):
 # data-dependent token counts traced as unbacked sizes, and enough cache entries per code object for
-# every block kind × width configuration (torch's default of 8 would silently fall back to eager).
+# every block kind × width layout (torch's default is 8 per code object).
 DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True,
                  "recompile_limit": 256, "accumulated_recompile_limit": 4096}
 
