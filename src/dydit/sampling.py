@@ -138,9 +138,9 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         noise = torch.randn(len(labels), *((frames,) if frames else ()), *shape, generator=gen).to(device)
     process = make_process(model, method, num_steps)
-    compiling = contextlib.ExitStack()
+    compiling = contextlib.nullcontext()
     if compile:
-        dyn = _compiled(model, dyn, compile, compiling)
+        dyn, compiling = _compiled(model, dyn, compile)  # entered around the sampling loop only
     fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn, dtype)
     if frames:
         fn, noise = channels_first(fn), noise.transpose(1, 2)
@@ -161,26 +161,28 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
         model.train(was_training)
 
 
-def _compiled(model, dyn, compile, stack: contextlib.ExitStack):
-    """The ``dyn`` of a compiled sampling run; enters on ``stack`` what compiles the blocks."""
+def _compiled(model, dyn, compile):
+    """(``dyn``, a context manager) of a compiled sampling run: what to pass the model, and what compiles
+    its blocks while entered."""
     from dydit.dynamic.compiled import compile_options, compiled_blocks
     from dydit.dynamic.context import DynamicContext
 
     options = compile_options(compile)
     mode = dyn.mode if isinstance(dyn, DynamicContext) else (dyn or "auto")
     if getattr(model, "dynamic_config", None) is None or mode in ("complete", "static"):
-        stack.enter_context(compiled_blocks(model, options))  # the static blocks, compiled
-        return dyn
+        return dyn, compiled_blocks(model, options)  # the static blocks, compiled
     if mode not in ("auto", "fast"):
         raise ValueError(f"compile runs the fast engine (or the complete/static network) compiled; the {mode!r} "
                          "mode has no compiled path: sample it without compile")
     if not isinstance(dyn, DynamicContext):
-        return DynamicContext(mode, compile=options)
-    previous = dyn.compile
+        return DynamicContext(mode, compile=options), contextlib.nullcontext()
 
-    def restore():
-        dyn.compile = previous
+    @contextlib.contextmanager
+    def compiling():  # the caller's context, compiled for this run only
+        previous, dyn.compile = dyn.compile, options
+        try:
+            yield
+        finally:
+            dyn.compile = previous
 
-    dyn.compile = options
-    stack.callback(restore)
-    return dyn
+    return dyn, compiling()
