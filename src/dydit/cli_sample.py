@@ -66,6 +66,8 @@ def sample_command(
                                "masked reference), complete (routers off: the full-width model)"),
     fbcache: Optional[float] = typer.Option(None, help="First-Block-Cache threshold (e.g. 0.1): reuse the "
                                             "other blocks' output while the first block's changes stay below it"),
+    compile_: bool = typer.Option(False, "--compile", help="run the blocks under torch.compile (the fast engine's "
+                                  "blocks, or the static ones): each block layout compiles on first use"),
     num_samples: Optional[int] = typer.Option(
         None, help="write exactly this many class-balanced samples (labels cycle through --classes) to --npz, in "
         "shards of --batch-size: under torchrun the processes share the work, the result does not depend on their "
@@ -86,6 +88,9 @@ def sample_command(
         raise typer.BadParameter("--num-per-class must be >= 1")
     if steps is not None and steps < 1:
         raise typer.BadParameter(f"--steps must be >= 1, got {steps}")
+    if compile_ and fbcache is not None:
+        raise typer.BadParameter("--compile and --fbcache do not combine (the cache hooks the blocks the compiled "
+                                 "run replaces); choose one")
     if not math.isfinite(cfg_scale):
         raise typer.BadParameter(f"--cfg-scale must be a finite number, got {cfg_scale}")
     if out and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif"):
@@ -162,7 +167,7 @@ def sample_command(
 
         def draw(batch_labels, batch_seed):  # one sampling batch -> uint8 (B, H, W, C)
             kwargs = dict(method=method, num_steps=num_steps, cfg_scale=cfg_scale, guided_channels=guided,
-                          seed=batch_seed, progress=progress, dyn=dyn)
+                          seed=batch_seed, progress=progress, dyn=dyn, compile=compile_)
             if cache is not None:
                 cache.start()  # a new sampling run: nothing carries over from the last batch
                 with cached(model, cache):

@@ -9,6 +9,7 @@ order) and ``sample(model_fn, noise, progress, generator)``.
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -113,7 +114,7 @@ def guided_model_fn(model, labels: torch.Tensor, cfg_scale: float, guided_channe
 @torch.no_grad()
 def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.0,
            guided_channels: int | None = 3, seed: int = 0, progress=None, dyn=None, noise=None,
-           dtype: str = "fp32"):
+           dtype: str = "fp32", compile=False):
     """Draws one image per label; returns model-space samples (B, C, H, W) (latents for latent models),
     or (B, F, C, H, W) videos for a video model (``noise`` in the same layout).
 
@@ -121,6 +122,9 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
     ``dyn`` says otherwise (a :class:`dydit.dynamic.DynamicContext` or a mode name: ``"masked"``,
     ``"complete"``); its plan covers every timestep the sampler will query before the first step.
     ``dtype`` 'bf16' (or 'fp16') runs each network call under autocast; the sampler stays in fp32.
+    ``compile`` (True, a backend name or a dict of ``torch.compile`` options) runs every block under
+    ``torch.compile``: a dynamic model's fast path (``dydit.dynamic.compiled``), a static model's (or
+    ``dyn="complete"``'s) static blocks; the first call of each block layout compiles.
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -135,6 +139,9 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         noise = torch.randn(len(labels), *((frames,) if frames else ()), *shape, generator=gen).to(device)
     process = make_process(model, method, num_steps)
+    compiling = contextlib.nullcontext()
+    if compile:
+        dyn, compiling = _compiled(model, dyn, compile)  # entered around the sampling loop only
     fn = guided_model_fn(model, labels, cfg_scale, guided_channels, dyn, dtype)
     if frames:
         fn, noise = channels_first(fn), noise.transpose(1, 2)
@@ -148,8 +155,35 @@ def sample(model, labels, method: str = "ddim", num_steps: int = 50, cfg_scale: 
             ctx = default_context(model)
         if hasattr(ctx, "prepare"):  # a context (a mode name plans lazily, step by step)
             ctx.prepare(model, process)
-        with trusted_values():  # labels checked above, timesteps made by the process: no per-step sync
+        with compiling, trusted_values():  # labels checked above, timesteps made by the process: no per-step sync
             out = process.sample(fn, noise, progress=progress, generator=gen)
         return out.transpose(1, 2) if frames else out
     finally:
         model.train(was_training)
+
+
+def _compiled(model, dyn, compile):
+    """(``dyn``, a context manager) of a compiled sampling run: what to pass the model, and what compiles
+    its blocks while entered."""
+    from dydit.dynamic.compiled import compile_options, compiled_blocks
+    from dydit.dynamic.context import DynamicContext
+
+    options = compile_options(compile)
+    mode = dyn.mode if isinstance(dyn, DynamicContext) else (dyn or "auto")
+    if getattr(model, "dynamic_config", None) is None or mode in ("complete", "static"):
+        return dyn, compiled_blocks(model, options)  # the static blocks, compiled
+    if mode not in ("auto", "fast"):
+        raise ValueError(f"compile runs the fast engine (or the complete/static network) compiled; the {mode!r} "
+                         "mode has no compiled path: sample it without compile")
+    if not isinstance(dyn, DynamicContext):
+        return DynamicContext(mode, compile=options), contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def compiling():  # the caller's context, compiled for this run only
+        previous, dyn.compile = dyn.compile, options
+        try:
+            yield
+        finally:
+            dyn.compile = previous
+
+    return dyn, compiling()

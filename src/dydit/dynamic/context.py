@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dydit.dynamic.adapters import BlockSpec, block_adapter, linear_index, model_adapter
+from dydit.dynamic.compiled import compile_options
 from dydit.dynamic.plan import DEFAULT_CACHE_BYTES, SlicedWeights, WidthPlan, as_range
 
 MODES = ("auto", "train", "masked", "fast", "complete")
@@ -109,7 +110,7 @@ class ModelBinding:
 class DynamicContext:
     def __init__(self, mode: str = "auto", tau: float | None = None, plan: WidthPlan | None = None,
                  weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 noise: float = 1.0, record_tokens: bool = False):
+                 noise: float = 1.0, record_tokens: bool = False, compile=False):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")
         self.mode = mode
@@ -121,6 +122,9 @@ class DynamicContext:
         # record_tokens: keep every routed block's token mask of every fast/masked forward, as
         # (plan key, block index, (B, N) bool on the CPU), for token-keep maps and spatial selectivity
         self.record_tokens = record_tokens
+        # compile: run the fast path's blocks under torch.compile (True, a backend name or a dict of
+        # torch.compile options; dynamic/compiled.py); None here when off. Other modes stay eager.
+        self.compile = compile_options(compile)
         self.token_masks: list[tuple[float | tuple, int, torch.Tensor]] = []
         self.records: list[BlockUsage] = []
         self.usage: list[StepUsage] = []
@@ -133,7 +137,7 @@ class DynamicContext:
 
     def __deepcopy__(self, memo):  # a copied model gets a fresh context, not this one's caches
         return DynamicContext(self.mode, self.tau, None, type(self.weights)(self.weights.cache.max_bytes),
-                              self.record_usage, noise=self.noise)
+                              self.record_usage, noise=self.noise, compile=self.compile or False)
 
     @property
     def plan(self) -> WidthPlan:

@@ -234,6 +234,12 @@ def _block_forward(self, *args, **kwargs):
     index = ctx.binding.position(self) if ctx is not None else None
     if index is None:  # outside a dynamic forward of its model: the static block
         return type(self)._dydit_base.forward(self, *args, **kwargs)
+    if ctx.compile is not None and ctx.current_mode == "fast":  # the compiled fast path (dynamic/compiled.py)
+        from dydit.dynamic.compiled import run_block
+
+        out = run_block(ctx, self, index, args, kwargs)
+        if out is not None:
+            return out
     run = BlockRun(ctx, self, index)
     out = block_adapter(self).forward(self, run, *args, **kwargs)
     run.finish()
