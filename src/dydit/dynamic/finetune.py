@@ -154,12 +154,7 @@ class FinetuneTask:
         fn, xp = process_layout(student, x, self.video)
         noise = noise if not self.video else noise.transpose(1, 2)
         terms = self.process.training_losses(fn, xp, t, noise)
-        ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
-        lam = self.target_at(step)
-        f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
-        if step >= self.cfg.ramp_steps and not frozen:
-            self._acc[0] += ratio.mean().item()
-            self._acc[1] += 1
+        ratio, lam, f_loss = self._flops_term(ctx, x, step, frozen)
         loss = self.cfg.data_weight * terms["loss"].mean() + f_loss
         logs = {"diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
                 "flops_ratio": ratio.mean().item(), "target": lam, "noise": ctx.noise}
@@ -179,16 +174,22 @@ class FinetuneTask:
             logs["complete_loss"] = complete["loss"].mean().item()
         return loss, logs
 
-    def _text_loss(self, model, x, y, t, noise, ctx, step, frozen):
-        """The same loss terms for a text-to-image model (caption dropout drawn here, in the step's seeded RNG)."""
-        y = self.text.drop_captions(y)
-        terms = self.text.losses(model, x, y, t, noise, dyn=ctx)
+    def _flops_term(self, ctx, x, step, frozen):
+        """The batch's realised FLOPs ratios (B,), the step's target λ_t and the FLOPs loss; after the ramp
+        the ratios also feed the inference-gap feedback's running mean."""
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
         if step >= self.cfg.ramp_steps and not frozen:
             self._acc[0] += ratio.mean().item()
             self._acc[1] += 1
+        return ratio, lam, f_loss
+
+    def _text_loss(self, model, x, y, t, noise, ctx, step, frozen):
+        """The same loss terms for a text-to-image model (caption dropout drawn here, in the step's seeded RNG)."""
+        y = self.text.drop_captions(y)
+        terms = self.text.losses(model, x, y, t, noise, dyn=ctx)
+        ratio, lam, f_loss = self._flops_term(ctx, x, step, frozen)
         loss = self.cfg.data_weight * terms["loss"].mean() + f_loss
         logs = {"diff_loss": terms["loss"].mean().item(), "flops_loss": f_loss.item(),
                 "flops_ratio": ratio.mean().item(), "target": lam, "noise": ctx.noise, "loss": loss.item()}
