@@ -127,6 +127,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def init_timestep_and_adaln_zero(model) -> None:
+    """The DiT initialisation shared by its forks (Latte): the timestep MLP ~ N(0, 0.02); adaLN-Zero, so
+    every block and the final layer start as the identity / zero, which makes deep DiTs train stably."""
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].weight, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.linear.weight, 0)
+    nn.init.constant_(model.final_layer.linear.bias, 0)
+
+
 class DiT(nn.Module):
     """Diffusion Transformer; ``forward(x, t, y)`` maps (B, C, H, W) to (B, 2C or C, H, W)."""
 
@@ -162,16 +176,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.class_embed_std)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, which makes deep DiTs train stably.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        init_timestep_and_adaln_zero(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dydit.models.dit import _SIZES as DIT_SIZES, DiTBlock, FinalLayer
+from dydit.models.dit import _SIZES as DIT_SIZES, DiTBlock, FinalLayer, init_timestep_and_adaln_zero
 from dydit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, _1d_sincos, get_2d_sincos_pos_embed
 
 
@@ -143,16 +143,7 @@ class Latte(nn.Module):
         nn.init.constant_(self.x_embedder.proj.bias, 0)
         if self.config.extras == 2:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.class_embed_std)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        init_timestep_and_adaln_zero(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B·F, N, p*p*C) -> (B·F, C, H, W)."""
