@@ -446,6 +446,7 @@ CLI_PROBES = [
     ("finetune --resume, no checkpoint", F + ["--resume"], 2, "holds no checkpoint.pt"),
     ("plan missing checkpoint", ["plan", "{empty}/nope"], 1, "no such file or folder"),
     ("plan --steps 0", ["plan", "{dynamic}", "--steps", "0"], 2, "--steps must be a whole number >= 1"),
+    ("plan --object-threshold 1.5", ["plan", "{dynamic}", "--object-threshold", "1.5"], 2, "leaves no object patch"),
     ("calibrate missing checkpoint", ["calibrate", "{empty}/nope", "--target", "0.5", "--out", "{empty}/g"], 1,
      "no such file or folder"),
     ("calibrate --sampler of the other objective", ["calibrate", "{dynamic}", "--target", "0.5", "--out", "{empty}/g",

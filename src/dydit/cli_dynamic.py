@@ -392,12 +392,16 @@ def plan(
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
     from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
-    from dydit.errors import check_count, check_finite
+    from dydit.errors import UserError, check_count, check_finite
     from dydit.sampling import sample
 
     for option, value in (("--steps", steps), ("--num-images", num_images)):
         check_count(option, value, allow_none=False)
     check_finite("--cfg-scale", cfg_scale)
+    check_finite("--object-threshold", object_threshold, minimum=0.0)
+    if object_threshold >= 1.0:
+        raise UserError(f"--object-threshold is a patch's mean intensity in [0, 1): {object_threshold} leaves no "
+                        "object patch; try 0.1")
     model = dydit.load(checkpoint)
     if getattr(model, "dynamic_config", None) is None:
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")

@@ -83,8 +83,11 @@ def default_cache_dir() -> Path:
 
 
 def reference_statistics(classifier=None, split: str = "test", data: str | None = None, cache_dir=None,
-                         limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the classifier features of the real ``split`` images, computed once and cached."""
+                         limit: int | None = None, transform=None, tag: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the classifier features of the real ``split`` images, computed once and cached.
+
+    ``transform`` (uint8 images (N, 28, 28) -> the classifier's input tensor) prepares the images as the
+    scored samples are prepared (video: item crops); ``tag`` names that preparation in the cache key."""
     # The cache key hashes the classifier weights and the images: a retrained classifier or other data
     # never reuses stale statistics.
     from dydit.classifier import classifier_hash, load_classifier, predict
@@ -95,20 +98,21 @@ def reference_statistics(classifier=None, split: str = "test", data: str | None 
     if limit:
         images = images[:limit]
     data_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()) / f"fid_ref_{split}_{classifier_hash(classifier)[:16]}_{data_key}.npz"
+    path = (Path(cache_dir or default_cache_dir())
+            / f"fid_ref_{tag + '_' if tag else ''}{split}_{classifier_hash(classifier)[:16]}_{data_key}.npz")
     if path.exists():
         try:
             with np.load(path) as f:
                 return f["mu"], f["sigma"]
         except Exception as e:  # a damaged cache is recomputed rather than trusted
             log.warning("ignoring unreadable FID cache %s (%s)", path, e)
-    feats, _ = predict(classifier, torch.from_numpy(images.copy()))
+    feats, _ = predict(classifier, transform(images) if transform is not None else torch.from_numpy(images.copy()))
     mu, sigma = feature_statistics(feats)
     from dydit.io.atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
-    log.info("cached %s reference statistics of %d images in %s", split, len(images), path)
+    log.info("cached %s %sreference statistics of %d images in %s", split, tag + " " if tag else "", len(images), path)
     return mu, sigma
 
 

@@ -24,7 +24,6 @@ users' own FVD (``dydit sample --npz`` and ``dydit eval --save-npz`` write the s
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -209,33 +208,10 @@ def crop_reference_statistics(classifier=None, item_size: int = ITEM_SIZE, split
     """(mu, sigma) of the classifier features of the ``split`` images area-resized to ``item_size`` (as
     Moving Fashion-MNIST draws its items) and back to 28×28 (as the crops are); cached per classifier,
     images and item size."""
-    from dydit.classifier import classifier_hash, load_classifier, predict
-    from dydit.data.fashion_mnist import load_fashion_mnist
-    from dydit.evaluate import default_cache_dir, feature_statistics
+    from dydit.evaluate import reference_statistics
 
-    classifier = classifier if classifier is not None else load_classifier()
-    images, _ = load_fashion_mnist(split, data)
-    if limit:
-        images = images[:limit]
-    key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    path = (Path(cache_dir or default_cache_dir())
-            / f"fid_ref_crops{item_size}nearest_{split}_{classifier_hash(classifier)[:16]}_{key}.npz")
-    if path.exists():
-        try:
-            with np.load(path) as f:
-                return f["mu"], f["sigma"]
-        except Exception as e:  # a damaged cache is recomputed rather than trusted
-            log.warning("ignoring unreadable FID cache %s (%s)", path, e)
-    degraded = reference_crops(images, item_size)
-    feats, _ = predict(classifier, degraded)
-    mu, sigma = feature_statistics(feats)
-    from dydit.io.atomic import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
-    log.info("cached %s crop reference statistics (item size %d) of %d images in %s", split, item_size,
-             len(images), path)
-    return mu, sigma
+    return reference_statistics(classifier, split, data, cache_dir, limit, tag=f"crops{item_size}nearest",
+                                transform=lambda images: reference_crops(images, item_size))
 
 
 def reference_crops(images_uint8, item_size: int = ITEM_SIZE, size: int = 28) -> torch.Tensor:

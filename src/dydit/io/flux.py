@@ -16,7 +16,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from diffusers import FluxTransformer2DModel
 
 from safetensors import safe_open

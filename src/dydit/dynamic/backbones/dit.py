@@ -7,7 +7,6 @@ update and gates which of them run the MLP. The width routers see E_t, the times
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from dydit.dynamic.adapters import (BlockAdapter, BlockSpec, GroupUnit, HeadUnit, ModelAdapter, Span,

@@ -79,7 +79,14 @@ def _heads(run, attn, path: str, norm, h, nh: int):
     return norm(out) if norm is not None else out
 
 
-class FluxDoubleBlockAdapter(BlockAdapter):
+class _FluxBlockAdapter(BlockAdapter):
+    """Both FLUX block kinds route image tokens with the authors' text-aware router (DyFLUX)."""
+
+    def make_token_router(self, block, spec, config):
+        return TextAwareTokenRouter(spec.token_dim, spec.width_dim, config.token_bias_init)
+
+
+class FluxDoubleBlockAdapter(_FluxBlockAdapter):
     def spec(self, block: FluxTransformerBlock, model) -> BlockSpec:
         Ni, Nt = token_geometry(model)
         attn = block.attn
@@ -97,9 +104,6 @@ class FluxDoubleBlockAdapter(BlockAdapter):
             Span("ff_context.net.0.proj", "out", 0, Nt), Span("ff_context.net.2", "in", 0, Nt)))
         return BlockSpec(heads=(heads,), groups=(mlp, text_mlp), width_dim=D, token_router="token_selection",
                          token_dim=D, num_tokens=Ni, fixed_macs=2 * D * 6 * D, kind="double")
-
-    def make_token_router(self, block, spec, config):
-        return TextAwareTokenRouter(spec.token_dim, spec.width_dim, config.token_bias_init)
 
     def forward(self, block: FluxTransformerBlock, run, hidden_states, encoder_hidden_states, temb,
                 image_rotary_emb=None, joint_attention_kwargs=None):
@@ -143,7 +147,7 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         return c, x
 
 
-class FluxSingleBlockAdapter(BlockAdapter):
+class FluxSingleBlockAdapter(_FluxBlockAdapter):
     def spec(self, block: FluxSingleTransformerBlock, model) -> BlockSpec:
         Ni, Nt = token_geometry(model)
         S = Ni + Nt
@@ -160,9 +164,6 @@ class FluxSingleBlockAdapter(BlockAdapter):
             Span("proj_mlp", "out", 0, S, routed=Ni), Span("proj_out", "in", H * hd, S, routed=Ni)))
         return BlockSpec(heads=(heads,), groups=(mlp,), width_dim=D, token_router="token_selection",
                          token_dim=D, num_tokens=Ni, fixed_macs=D * 3 * D, kind="single")
-
-    def make_token_router(self, block, spec, config):
-        return TextAwareTokenRouter(spec.token_dim, spec.width_dim, config.token_bias_init)
 
     def forward(self, block: FluxSingleTransformerBlock, run, hidden_states, encoder_hidden_states, temb,
                 image_rotary_emb=None, joint_attention_kwargs=None):
