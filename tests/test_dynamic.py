@@ -41,7 +41,8 @@ def test_reorder_keeps_static_function():
 @pytest.mark.parametrize("name", ["DiT-Tiny", "SiT-Tiny"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
 @pytest.mark.parametrize("layout", [dict(), dict(width=False), dict(tokens=False), dict(always_on=False),
-                                    dict(width=False, tokens=False, block_skip=True), dict(block_skip=True)])
+                                    dict(width=False, tokens=False, block_skip=True), dict(block_skip=True),
+                                    dict(token_center=True)])
 def test_fast_path_equals_masked_reference(name, batch, layout):
     model = scramble_routers(dynamize(randomize(build_model(name)), DynamicConfig(**layout))).eval()
     x, y = torch.randn(batch, 4, 8, 8), torch.arange(batch) % 10
@@ -65,6 +66,39 @@ def test_fast_sampling_equals_masked_sampling(name, cfg):
     a = sample(model, labels, method, 6, cfg_scale=cfg, seed=0, dyn=DynamicContext("masked"))
     b = sample(model, labels, method, 6, cfg_scale=cfg, seed=0, dyn=DynamicContext("fast"))
     assert rel_err(b, a) < 1e-5
+
+
+def test_centred_token_router_leaves_which_tokens_to_the_denoising_loss():
+    """Centred logits: the FLOPs loss (the same push on every token) moves only the output bias, so it cannot
+    turn the router into a per-timestep switch of the whole MLP; uncentred, it moves the head's weights."""
+    from dydit.dynamic.routers import TokenRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 32)
+    for center in (False, True):
+        r = TokenRouter(32, 4, bias_init=2.0, center=center)
+        r.mlp_head[2].weight.data.normal_()
+        mask = r(x, tau=5.0, training=True)  # straight-through: the gradient of the soft gate
+        (mask.mean() ** 2).backward()  # a FLOPs-style loss on the kept share
+        grads = [r.mlp_head[0].weight.grad, r.mlp_head[0].bias.grad, r.mlp_head[2].weight.grad]
+        if center:
+            # the soft-gate slopes differ per token, so not exactly 0: compare with the uncentred push
+            assert max(g.abs().max().item() for g in grads) < 0.2 * uncentred
+            logits = r.logits(x)
+            assert torch.allclose(logits.mean(-1), r.mlp_head[2].bias.expand(3), atol=1e-6)
+            assert logits.std(-1).min() > 0.1  # per-token: the spread survives the centring
+        else:
+            uncentred = max(g.abs().max().item() for g in grads)
+        assert r.mlp_head[2].bias.grad.abs() > 0
+
+
+def test_centred_token_routers_save_and_load(tmp_path):
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")), DynamicConfig(token_center=True))).eval()
+    dydit.save(model, tmp_path / "m")
+    back = dydit.load(tmp_path / "m")
+    assert back.dynamic_config.token_center and back.blocks[0].token_selection.center
+    x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 400.0), torch.tensor([1, 2])
+    assert rel_err(back(x, t, y), model(x, t, y)) < 1e-6
 
 
 def test_plan_precomputed_for_sampler_timesteps():

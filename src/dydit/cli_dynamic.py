@@ -218,7 +218,7 @@ def _time_interleaved(runs: dict, repeats: int) -> dict:
 
 def demo(
     out: str = typer.Option("demo", help="folder for the grids and the summary"),
-    steps: int = typer.Option(25, help="DDIM steps"),
+    steps: int = typer.Option(25, help="sampling steps (DDIM for the DiTs, Euler for the SiTs)"),
     cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the scale the shipped "
                                     "models are tuned and benchmarked at; sample and eval default to the DiT "
                                     "paper's 1.5)"),
@@ -240,7 +240,7 @@ def demo(
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
-    from dydit.sampling import sample
+    from dydit.sampling import default_sampler, sample
     from dydit.errors import check_count, check_finite, check_writable_folder
     from dydit.viz import save_grid
     from tqdm.auto import tqdm
@@ -259,22 +259,28 @@ def demo(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         return _video_demo(video_models, out_dir, steps, cfg_scale, per_class, seed, repeats, console)
-    models = [("static", default_model_path())]
+    # (name, path, family, grid file): the DiT family, and the flow-matching SiT family when shipped; each
+    # family's speedup is against its own static model, each samples with its own sampler (DDIM / Euler)
+    models = [("static", default_model_path(), "DiT", "static")]
     for lam in ("0.7", "0.5"):
         p = ASSETS_DIR / f"fmnist_dydit_{lam}"
         if p.exists():
-            models.append((f"DyDiT λ={lam}", p))
+            models.append((f"DyDiT λ={lam}", p, "DiT", f"dydit_{lam}"))
+    if (ASSETS_DIR / "fmnist_sit").exists():
+        models.append(("SiT static", ASSETS_DIR / "fmnist_sit", "SiT", "sit_static"))
+        if (ASSETS_DIR / "fmnist_dysit_0.5").exists():
+            models.append(("DyDiT-SiT λ=0.5", ASSETS_DIR / "fmnist_dysit_0.5", "SiT", "dysit_0.5"))
     labels = torch.arange(10).repeat(per_class)
     cfg_batches = 2 if cfg_scale != 1.0 else 1
-    table = Table(title=f"Fashion-MNIST, DDIM {steps} steps, CFG {cfg_scale}, {len(labels)} images, "
-                        f"{torch.get_num_threads()} CPU threads")
-    for col in ("model", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
+    table = Table(title=f"Fashion-MNIST, {steps} steps (DDIM for DiT, Euler for SiT), CFG {cfg_scale}, "
+                        f"{len(labels)} images, {torch.get_num_threads()} CPU threads")
+    for col in ("model", "sampler", "FLOPs ratio", "GMACs/forward", "GMACs/image", "s/image", "speedup", "grid"):
         table.add_column(col)
     summary = []
     # every model: a warm-up run, `repeats` timed runs and the run whose grid is kept
     with tqdm(total=len(models) * (repeats + 2) * steps, desc=f"sampling {len(models)} models, {repeats} timed "
               "rounds", unit="step", dynamic_ncols=True) as bar:
-        loaded = {name: dydit.load(path) for name, path in models}
+        loaded = {name: dydit.load(path) for name, path, _, _ in models}
 
         def progress(step_iter):
             for step in step_iter:
@@ -283,22 +289,24 @@ def demo(
 
         def run(model):  # one full sampling run on the model's inference engine
             ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
-            return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx, progress=progress), ctx
+            return sample(model, labels, default_sampler(model), steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx,
+                          progress=progress), ctx
 
         seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
-        base_time = seconds["static"] / len(labels)
-        for name, model in loaded.items():
+        base_time = {family: seconds[name] / len(labels) for name, _, family, _ in models
+                     if name.endswith("static")}
+        for name, _, family, stem in models:
+            model = loaded[name]
             spec = flops_spec(model)
             x, dyn = run(model)
             s = summarize(dyn.usage if dyn is not None else None, spec, cfg_batches, forwards=steps)
             per_image = seconds[name] / len(labels)
-            grid = save_grid(x, out_dir / f"{name.split()[0].lower()}{'_' + name.split('=')[1] if '=' in name else ''}.png",
-                             nrow=10, pad=model.config.pixel_pad)
-            row = dict(model=name, flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
-                       gmacs_per_image=s["gmacs_per_image"], s_per_image=per_image, speedup=base_time / per_image,
-                       grid=str(grid))
+            grid = save_grid(x, out_dir / f"{stem}.png", nrow=10, pad=model.config.pixel_pad)
+            row = dict(model=name, family=family, sampler=default_sampler(model), flops_ratio=s["flops_ratio"],
+                       gmacs_per_forward=s["gmacs_per_forward"], gmacs_per_image=s["gmacs_per_image"],
+                       s_per_image=per_image, speedup=base_time[family] / per_image, grid=str(grid))
             summary.append(row)
-            table.add_row(name, f"{row['flops_ratio']:.3f}", f"{row['gmacs_per_forward']:.4f}",
+            table.add_row(name, row["sampler"], f"{row['flops_ratio']:.3f}", f"{row['gmacs_per_forward']:.4f}",
                           f"{row['gmacs_per_image']:.3f}", f"{per_image * 1e3:.1f} ms", f"{row['speedup']:.2f}×", str(grid))
     console.print(table)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

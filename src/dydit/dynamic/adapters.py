@@ -151,7 +151,8 @@ class BlockAdapter:
         """The token router ``dynamize`` attaches (default: the DyDiT per-token MLP on the token itself).
         Its ``forward(x, *route, tau, training, noise)`` and ``keep(x, *route)`` see the tokens and the
         extra inputs the adapter's forward passes as ``run.token_update(..., route=...)``."""
-        return TokenRouter(spec.token_dim, config.token_hidden_ratio, config.token_bias_init)
+        return TokenRouter(spec.token_dim, config.token_hidden_ratio, config.token_bias_init,
+                           center=config.token_center)
 
 
 class ModelAdapter:

@@ -72,6 +72,10 @@ class Routing:
     tokens: bool = _opt(True, "SDT: dynamic tokens through the MLP")
     block_skip: bool = _opt(False, "ablation: a timestep gate per block that skips the whole block (with width=false "
                                    "tokens=false: the block-skip baseline)")
+    token_center: bool = _opt(False, "token logits centred over each image's tokens: the token routers' weights learn "
+                                     "which tokens run from the denoising loss alone, their output bias how many "
+                                     "(the FLOPs loss); off: the authors' router, whose FLOPs gradient switches whole "
+                                     "MLPs per timestep")
     tau: float = _opt(5.0, "gumbel-sigmoid temperature")
     noise_anneal: float = _opt(0.3, "gumbel noise decays to 0 over this final share of the router-training steps, so "
                                     "the trained masks are the ones inference uses (0: noise to the end)")

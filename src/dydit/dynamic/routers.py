@@ -65,17 +65,31 @@ class WidthRouter(nn.Module):
 
 
 class TokenRouter(nn.Module):
-    """Per-token gate for the MLP branch: (B, N, D) -> (B, N) 0/1 mask."""
+    """Per-token gate for the MLP branch: (B, N, D) -> (B, N) 0/1 mask.
 
-    def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0):
+    ``center``: the logit is the head's output minus its mean over the row's tokens, plus the output
+    bias, so the head decides only *which* tokens of an image run and the output bias alone *how many*
+    (``logit_i = f(x_i) − mean_j f(x_j) + b``). Uncentred (the authors' layout), the FLOPs loss pushes
+    every token's logit down through the head's weights, and its gradient on them (Σ_i h_i, the same
+    sign for every token) drowns the per-token signal of the denoising loss: the routers learn
+    per-(block, timestep) switches of the whole MLP instead of spatial routing. Centred, the FLOPs
+    gradient on the head's weights is Σ_i (h_i − h̄) = 0; it moves the bias only, and the weights learn
+    from the denoising loss which tokens matter. The parameters are the same either way.
+    """
+
+    def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0, center: bool = False):
         super().__init__()
+        self.center = center
         hidden = max(dim // hidden_ratio, 1)
         self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp_head[2].weight)
         nn.init.constant_(self.mlp_head[2].bias, bias_init)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_head(x).squeeze(-1)  # (B, N)
+        z = self.mlp_head(x).squeeze(-1)  # (B, N)
+        if self.center:
+            z = z - z.mean(-1, keepdim=True) + self.mlp_head[2].bias
+        return z
 
     def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
         return gumbel_sigmoid_ste(self.logits(x).float(), tau, training, noise)
