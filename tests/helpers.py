@@ -28,7 +28,8 @@ def scramble_routers(model, seed=1):
                 gate.router.weight.copy_(torch.randn(gate.router.weight.shape, generator=g))
                 gate.router.bias.copy_(torch.randn(gate.router.bias.shape, generator=g) * 0.1)
             if block.token_selection is not None:
-                for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
+                ts = block.token_selection
+                for lin in (ts.mlp_head[0], ts.mlp_head[2]) + ((ts.count,) if getattr(ts, "count", None) is not None else ()):
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
                     lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
     return model

@@ -42,7 +42,7 @@ def test_reorder_keeps_static_function():
 @pytest.mark.parametrize("batch", [1, 3, 5])
 @pytest.mark.parametrize("layout", [dict(), dict(width=False), dict(tokens=False), dict(always_on=False),
                                     dict(width=False, tokens=False, block_skip=True), dict(block_skip=True),
-                                    dict(token_center=True)])
+                                    dict(token_center=True), dict(token_center=True, token_count=True)])
 def test_fast_path_equals_masked_reference(name, batch, layout):
     model = scramble_routers(dynamize(randomize(build_model(name)), DynamicConfig(**layout))).eval()
     x, y = torch.randn(batch, 4, 8, 8), torch.arange(batch) % 10
@@ -93,10 +93,12 @@ def test_centred_token_router_leaves_which_tokens_to_the_denoising_loss():
 
 
 def test_centred_token_routers_save_and_load(tmp_path):
-    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")), DynamicConfig(token_center=True))).eval()
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")), DynamicConfig(token_center=True,
+                                                                                         token_count=True))).eval()
     dydit.save(model, tmp_path / "m")
     back = dydit.load(tmp_path / "m")
     assert back.dynamic_config.token_center and back.blocks[0].token_selection.center
+    assert back.blocks[0].token_selection.count.weight.abs().sum() > 0  # scrambled, saved and loaded
     x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 400.0), torch.tensor([1, 2])
     assert rel_err(back(x, t, y), model(x, t, y)) < 1e-6
 

@@ -152,7 +152,7 @@ class BlockAdapter:
         Its ``forward(x, *route, tau, training, noise)`` and ``keep(x, *route)`` see the tokens and the
         extra inputs the adapter's forward passes as ``run.token_update(..., route=...)``."""
         return TokenRouter(spec.token_dim, config.token_hidden_ratio, config.token_bias_init,
-                           center=config.token_center)
+                           center=config.token_center, count_dim=spec.width_dim if config.token_count else None)
 
 
 class ModelAdapter:

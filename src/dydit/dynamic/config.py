@@ -15,6 +15,7 @@ class DynamicConfig:
     width_bias_init: float = 15.0  # starts every head/group on: the converted model is the static function
     token_bias_init: float = 35.0
     token_center: bool = False  # token logits centred over each image's tokens (TokenRouter.center); authors: off
+    token_count: bool = False  # + a per-sample count term on the block conditioning (TokenRouter.count); DiT/SiT
     token_hidden_ratio: int = 16  # token router hidden width = D // ratio
     tau: float = 5.0  # gumbel-sigmoid temperature in training
     # Units an adapter marks optional that get width routers too (FLUX double blocks: "mlp_context",

@@ -417,7 +417,7 @@ def finetune(init, out, recipe=None, *, data=None, resume: bool = False, stop_af
         ro, ri = recipe.routing, recipe.router_init
         model = dynamize(model, DynamicConfig(width=ro.width, tokens=ro.tokens, block_skip=ro.block_skip, tau=ro.tau,
                                               width_bias_init=ri.width_bias, token_bias_init=ri.token_bias,
-                                              token_center=ro.token_center),
+                                              token_center=ro.token_center, token_count=ro.token_count),
                          reorder=ri.reorder)
     lora_cfg = None
     peft = recipe.peft

@@ -76,6 +76,8 @@ class Routing:
                                      "which tokens run from the denoising loss alone, their output bias how many "
                                      "(the FLOPs loss); off: the authors' router, whose FLOPs gradient switches whole "
                                      "MLPs per timestep")
+    token_count: bool = _opt(False, "DiT/SiT: the token routers add a per-sample term on the block conditioning "
+                                    "(timestep + class), so how many tokens run can vary with the step")
     tau: float = _opt(5.0, "gumbel-sigmoid temperature")
     noise_anneal: float = _opt(0.3, "gumbel noise decays to 0 over this final share of the router-training steps, so "
                                     "the trained masks are the ones inference uses (0: noise to the end)")

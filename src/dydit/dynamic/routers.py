@@ -77,26 +77,40 @@ class TokenRouter(nn.Module):
     from the denoising loss which tokens matter. The parameters are the same either way.
     """
 
-    def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0, center: bool = False):
+    def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0, center: bool = False,
+                 count_dim: int | None = None):
         super().__init__()
         self.center = center
         hidden = max(dim // hidden_ratio, 1)
         self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp_head[2].weight)
         nn.init.constant_(self.mlp_head[2].bias, bias_init)
+        # ``count_dim``: a per-sample term count(c) on the block's conditioning c (timestep + class), added to
+        # every token's logit, so how many tokens run can depend on the step (with ``center``: b + count(c))
+        self.count = None
+        if count_dim is not None:
+            self.count = nn.Linear(count_dim, 1)
+            nn.init.zeros_(self.count.weight)
+            nn.init.zeros_(self.count.bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         z = self.mlp_head(x).squeeze(-1)  # (B, N)
         if self.center:
             z = z - z.mean(-1, keepdim=True) + self.mlp_head[2].bias
+        if self.count is not None:
+            if c is None:
+                raise ValueError("this token router's count term needs the block conditioning c; this backbone's "
+                                 "adapter does not pass it (token_count is for DiT/SiT blocks)")
+            z = z + self.count(c)  # (B, 1): one shift per sample
         return z
 
-    def forward(self, x: torch.Tensor, tau: float = 5.0, training: bool = False, noise: float = 1.0) -> torch.Tensor:
-        return gumbel_sigmoid_ste(self.logits(x).float(), tau, training, noise)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, tau: float = 5.0, training: bool = False,
+                noise: float = 1.0) -> torch.Tensor:
+        return gumbel_sigmoid_ste(self.logits(x, c).float(), tau, training, noise)
 
-    def keep(self, x: torch.Tensor) -> torch.Tensor:
+    def keep(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean inference mask (B, N): the tokens the fast path runs."""
-        return is_on(self.logits(x))
+        return is_on(self.logits(x, c))
 
 
 class TextAwareTokenRouter(nn.Module):

@@ -62,7 +62,7 @@ class DiTBlockAdapter(BlockAdapter):
             a = block.mlp.act(run.mask_groups("mlp", a, repeat))
             return pick(gate_mlp) * run.linear("mlp.fc2", a)
 
-        return run.token_update("mlp", x, mlp_update, repeat)
+        return run.token_update("mlp", x, mlp_update, repeat, route=(c,))  # c: for a router's count term
 
 
 def _attention(block: DiTBlock, run, h, repeat: int = 1):
