@@ -161,3 +161,56 @@ dydit bench engine --models DiT-S/2,DiT-B/2 --targets 0.5 --schedules 50 --batch
 # the embedded λ=0.5 model end to end (as dydit eval samples: DDIM 20, CFG 4, batch 64), with a profile
 python3 scripts/profile_embedded.py --out docs/results/profile_embedded
 python3 scripts/profile_embedded.py --dtype bf16 --out docs/results/profile_embedded_bf16
+
+# 8. Issue 16 (session 24). Token routers centred over each image's tokens (routing.token_center), on the
+#    shipped λ=0.5 recipe with tokens on; t3 adds a per-sample token-count term (routing.token_count).
+#    Plans, selectivity (object = final-image patch mean > 0.1) and token-keep maps over 64 images.
+TC="--recipe fmnist-0.5 --set routing.tokens=true --set routing.token_center=true --ckpt-every 100"
+dydit finetune $A/fmnist_dit --out runs/t1-center $TC
+dydit finetune $A/fmnist_dit --out runs/t2-center-rlr $TC --set optim.router_lr=0.03 --set freeze.routers=0.3
+dydit finetune $A/fmnist_dit --out runs/t3-center-count $TC --set routing.token_count=true
+for t in t1-center:t1 t2-center-rlr:t2 t3-center-count:t3; do
+  dydit plan runs/${t%%:*}/ema --steps 20 --num-images 64 --out docs/results/plan_centred_${t##*:}
+done
+dydit eval runs/t1-center/ema --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+  --json docs/results/eval_centred_t1_5000.json
+dydit eval runs/t2-center-rlr/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+  --json docs/results/eval_centred_t2_1000.json
+dydit eval runs/t3-center-count/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+  --json docs/results/eval_centred_t3_1000.json
+
+# 9. Flow matching: the SiT base (bf16 autocast, ~73 min at 1 thread beside other jobs) and DyDiT-SiT λ=0.5 with
+#    the shipped λ=0.5 recipe (300 steps = 15% of 2000; feedback and calibration on the Euler sampler),
+#    then their B3 rows (static, DyDiT-SiT, fewer Euler steps at about equal time, First-Block-Cache).
+dydit train --model SiT-FMNIST --out runs/fmnist-sit-base --steps 2000 --batch-size 128 --lr 4e-4 \
+  --warmup-steps 100 --ema-decay 0.995 --ckpt-every 200 --sample-every 500 --seed 0 --bf16
+rm -rf $A/fmnist_sit && cp -r runs/fmnist-sit-base/ema $A/fmnist_sit
+dydit finetune $A/fmnist_sit --out runs/fmnist-dysit-0.5 --recipe fmnist-0.5 --ckpt-every 100
+rm -rf $A/fmnist_dysit_0.5 && cp -r runs/fmnist-dysit-0.5/ema $A/fmnist_dysit_0.5
+dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
+  --row "SiT static=$A/fmnist_sit" --row "DyDiT-SiT λ 0.5=$A/fmnist_dysit_0.5" \
+  --row "SiT static, 12 steps=$A/fmnist_sit,steps=12" --row "SiT FBCache rdt 0.1=$A/fmnist_sit,fbcache=0.1" \
+  --out docs/results/b3_sit
+
+# 10. TD-LoRA and plain LoRA at λ=0.7 on the λ=0.7 recipe, adapting adaLN's modulation too (rank 2; TD-LoRA
+#     2 experts), LR 1e-3, the feedback correction damped by half; calibrated on the width thresholds to 0.70
+#     (the token routers step), then scored against the full fine-tune (the shipped λ=0.7, B3 above).
+LA="--recipe fmnist-0.7 --set peft.targets=attn.qkv,attn.proj,mlp.fc1,mlp.fc2,adaLN_modulation.1 --set peft.rank=2 \
+  --set optim.lr=1e-3 --set feedback.gain=0.5 --ckpt-every 100"
+dydit finetune $A/fmnist_dit --out runs/tdlora-0.7-adaln $LA --peft td-lora --set peft.experts=2
+dydit finetune $A/fmnist_dit --out runs/lora-0.7-adaln $LA --peft lora
+for r in tdlora-0.7-adaln lora-0.7-adaln; do
+  dydit calibrate $A/fmnist_dit --adapters runs/$r/adapters --target 0.7 --knob width --out runs/$r/cal
+  dydit eval $A/fmnist_dit --adapters runs/$r/cal --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_$r.json
+done
+
+# 11. One fine-tune, several budgets: the shipped λ=0.5 model calibrated at inference to 0.7, 0.6 and 0.4
+#     (width thresholds: it is width-only), 1,000-sample screens, beside the shipped λ=0.7 fine-tune.
+for lp in 0.7 0.6 0.4; do
+  dydit calibrate $A/fmnist_dydit_0.5 --target $lp --out runs/budget-$lp
+  dydit eval runs/budget-$lp --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_budget_$lp.json
+done
+dydit eval $A/fmnist_dydit_0.7 --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+  --json docs/results/eval_dydit07_1000.json

@@ -70,3 +70,25 @@ def test_compare_resumes_scored_rows_and_times_every_row_in_its_own_pass(tmp_pat
     monkeypatch.setattr(dydit.evaluate, "evaluate_checkpoint", fake_eval)
     run_compare(rows(), **{**args, "timing_repeats": 0}, resume=True)
     assert len(calls) == 6
+
+
+def test_compare_without_a_sampler_runs_each_row_on_its_own(tmp_path, monkeypatch):
+    """DiT and SiT rows in one table: no --sampler means DDIM for the diffusion row and Euler for the flow row
+    (DDIM on a flow model is an error)."""
+    import dydit.evaluate
+    from dydit.assets import ASSETS_DIR, default_model_path
+    from dydit.bench_compare import run_compare
+
+    seen = []
+
+    def fake_eval(path, **kw):
+        seen.append(kw["sampler"])
+        return {"fid": 10.0, "cond_acc": 0.9, "s_per_image": 1.0, "flops_ratio": 1.0, "gmacs_per_image": 1.0,
+                "sampler": kw["sampler"] or "default", "device": "cpu", "threads": 1}
+
+    monkeypatch.setattr(dydit.evaluate, "evaluate_checkpoint", fake_eval)
+    rows = [Row("DiT", str(default_model_path())), Row("SiT", str(ASSETS_DIR / "fmnist_sit"))]
+    run_compare(rows, num_samples=4, sampler=None, steps=2, cfg_scale=4.0, seed=0, batch_size=2,
+                out=str(tmp_path / "b3"), timing_repeats=1)
+    assert seen == [None, None]  # evaluate_checkpoint picks each model's default sampler
+    assert all(r.result["s_per_image"] > 0 for r in rows)

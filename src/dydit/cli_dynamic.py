@@ -382,7 +382,8 @@ def _video_demo(models: dict, out_dir: Path, steps: int, cfg_scale: float, per_c
 def plan(
     checkpoint: str = typer.Argument(..., help="a dynamic (DyDiT) checkpoint"),
     out: str = typer.Option("plan", help="folder for plan.md and plan.png"),
-    sampler: str = typer.Option("ddim", help="sampler whose timesteps define the plan"),
+    sampler: Optional[str] = typer.Option(None, help="sampler whose timesteps define the plan (default: ddim, or "
+                                                    "euler for flow models)"),
     steps: int = typer.Option(25, help="sampling steps"),
     cfg_scale: float = typer.Option(4.0, help="guidance scale (4.0, as demo and bench; sample and eval default to "
                                     "the DiT paper's 1.5)"),
@@ -401,7 +402,7 @@ def plan(
     from dydit.dynamic.report import plan_heatmap, plan_json, plan_table, summarize
     from dydit.dynamic.token_report import selectivity_table, token_keep_maps, token_selectivity
     from dydit.errors import UserError, check_count, check_finite
-    from dydit.sampling import sample
+    from dydit.sampling import default_sampler, sample
 
     for option, value in (("--steps", steps), ("--num-images", num_images)):
         check_count(option, value, allow_none=False)
@@ -415,6 +416,7 @@ def plan(
         raise typer.BadParameter(f"{checkpoint} is a static model; a plan report needs a DyDiT checkpoint")
     ctx = DynamicContext("fast", record_usage=True, record_tokens=True)
     labels = torch.arange(num_images) % model.config.num_classes
+    sampler = sampler or default_sampler(model)
     images = sample(model, labels, sampler, steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx)
     spec = flops_spec(model)
     s = summarize(ctx.usage, spec, 2 if cfg_scale != 1.0 else 1)
@@ -528,7 +530,8 @@ def bench_flux_cmd(
 @bench_app.command("compare")
 def bench_compare_cmd(
     num_samples: int = typer.Option(5000, help="samples per row (class-balanced)"),
-    sampler: str = typer.Option("ddim", help="sampler of every row"),
+    sampler: Optional[str] = typer.Option(None, help="sampler of every row (default: each row's own, ddim for "
+                                                    "diffusion models and euler for flow models)"),
     steps: int = typer.Option(25, help="sampling steps (rows may override)"),
     cfg_scale: float = typer.Option(4.0, help="classifier-free guidance scale (4.0: the shipped results' setting; "
                                     "sample and eval default to the DiT paper's 1.5)"),
