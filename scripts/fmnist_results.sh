@@ -201,9 +201,11 @@ dydit finetune $A/fmnist_dit --out runs/tdlora-0.7-adaln $LA --peft td-lora --se
 dydit finetune $A/fmnist_dit --out runs/lora-0.7-adaln $LA --peft lora
 for r in tdlora-0.7-adaln lora-0.7-adaln; do
   dydit calibrate $A/fmnist_dit --adapters runs/$r/adapters --target 0.7 --knob width --out runs/$r/cal
-  dydit eval $A/fmnist_dit --adapters runs/$r/cal --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
-    --json docs/results/eval_$r.json
+  dydit eval $A/fmnist_dit --adapters runs/$r/cal --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_${r}_1000.json
 done
+dydit eval $A/fmnist_dit --adapters runs/tdlora-0.7-adaln/cal --num-samples 5000 --steps 20 --cfg-scale 4.0 \
+  --batch-size 64 --json docs/results/eval_tdlora-0.7-adaln.json
 
 # 11. One fine-tune, several budgets: the shipped λ=0.5 model calibrated at inference to 0.7, 0.6 and 0.4
 #     (width thresholds: it is width-only), 1,000-sample screens, beside the shipped λ=0.7 fine-tune.

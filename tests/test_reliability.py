@@ -461,6 +461,8 @@ CLI_PROBES = [
     ("sample a config.json with a string", ["sample", "{strcfg}"], 1, "config key 'hidden_size' must be int"),
     ("sample a truncated model", ["sample", "{truncated}"], 1, "truncated or corrupted"),
     ("sample a pickle with code", ["sample", "{pickled}"], 1, "never runs code from files"),
+    ("sample --prompt on a class-conditional model", ["sample", "--prompt", "a shoe", "--out", "{empty}/g.png"], 1,
+     "--prompt is for text-to-image models"),
     ("eval --num-samples 0", ["eval", "--num-samples", "0"], 2, "--num-samples must be a whole number >= 1"),
     ("eval --steps 0", ["eval", "--steps", "0"], 2, "--steps must be a whole number >= 1"),
     ("eval --json x.txt", ["eval", "--json", "{empty}/r.txt"], 2, "expected a file ending in .json"),

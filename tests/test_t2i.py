@@ -272,8 +272,17 @@ def test_dydit_eval_scores_a_dyflux_folder(tmp_path):
     assert res["num_samples"] == 8 and 0 < res["flops_ratio"] < 1
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--fbcache", "0.1"])
     assert r.exit_code == 1 and "not available for text-to-image" in r.output
-    r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), "--out", str(tmp_path / "grid.png")])
-    assert r.exit_code == 1 and "is a text-to-image model" in r.output and "Traceback" not in r.output
+    # `dydit sample` draws a captioned grid: a balanced set of captions, or the --prompt ones
+    r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), "--steps", "2", "--out", str(tmp_path / "grid.png")])
+    assert r.exit_code == 0 and "16 images, each caption under its image" in r.output, r.output
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), "--steps", "2", "--prompt", CAPTIONS[3],
+                                 "--prompt", CAPTIONS[40], "--num-per-class", "2", "--out", str(tmp_path / "p.png")])
+    assert r.exit_code == 0 and "4 images" in r.output, r.output
+    for bad, says in ((["--prompt", "a purple giraffe"], "is not one of the model's"),
+                      (["--classes", "1"], "is a text-to-image model")):
+        r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), *bad, "--out", str(tmp_path / "x.png")])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
 
 
 def test_bench_compare_scores_static_and_dyflux_rows_on_b5(tmp_path):

@@ -41,6 +41,42 @@ def _grid_columns(num_classes_shown: int, num_images: int) -> int:
     return num_classes_shown if num_classes_shown <= 16 else max(1, math.ceil(math.sqrt(num_images)))
 
 
+def _sample_captions(model, path, prompts, per_prompt, steps, cfg_scale, seed, batch_size, out, engine):
+    """`dydit sample` on a text-to-image model: its captions (given, or a balanced set), one image per caption
+    and sample, in a grid with each caption under its image."""
+    import difflib
+
+    import torch
+
+    from dydit.data.captioned_fmnist import CAPTIONS, balanced_caption_ids
+    from dydit.t2i import sample_captions, save_captioned_grid
+
+    if prompts:
+        index = {c: i for i, c in enumerate(CAPTIONS)}
+        ids = []
+        for text in prompts:
+            if text not in index:
+                close = difflib.get_close_matches(text, CAPTIONS, n=1, cutoff=0.0)
+                raise ValueError(f"--prompt {text!r} is not one of the model's {len(CAPTIONS)} captions (their "
+                                 f"embeddings ship with dydit; a new prompt needs the text encoder); closest: "
+                                 f"{close[0]!r}")
+            ids.append(index[text])
+        ids = torch.tensor(ids).repeat_interleave(per_prompt or 1)
+    else:
+        ids = balanced_caption_ids(16 * (per_prompt or 1), seed=seed)
+    dyn = None
+    if engine is not None:
+        from dydit.dynamic import DynamicContext
+
+        dyn = DynamicContext(engine)
+    num_steps = steps or 25
+    x = sample_captions(model, ids, steps=num_steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn, batch_size=batch_size)
+    if out:
+        grid = save_captioned_grid(x, [CAPTIONS[int(i)] for i in ids], out)
+        typer.echo(f"wrote a grid of {len(ids)} images, each caption under its image (euler {num_steps} steps, "
+                   f"CFG {cfg_scale}), to {grid}")
+
+
 def sample_command(
     checkpoint: Optional[str] = typer.Argument(None, help="model folder or checkpoint (default: the embedded model)"),
     classes: Optional[str] = typer.Option(None, help="comma-separated class ids, e.g. 0,1,2 (default: every class)"),
@@ -68,6 +104,9 @@ def sample_command(
                                             "other blocks' output while the first block's changes stay below it"),
     compile_: bool = typer.Option(False, "--compile", help="run the blocks under torch.compile (the fast engine's "
                                   "blocks, or the static ones): each block layout compiles on first use"),
+    prompt: Optional[list[str]] = typer.Option(
+        None, help="text-to-image models: a caption to draw (repeatable; one of the model's captions, whose "
+        "embeddings ship with dydit: Captioned Fashion-MNIST). Without it: a balanced set of captions"),
     num_samples: Optional[int] = typer.Option(
         None, help="write exactly this many class-balanced samples (labels cycle through --classes) to --npz, in "
         "shards of --batch-size: under torchrun the processes share the work, the result does not depend on their "
@@ -119,9 +158,15 @@ def sample_command(
         model = dydit.load(path, model_name=model_name, objective=objective).to(dev).eval()
         from dydit.t2i import is_text_to_image
 
-        if is_text_to_image(model):  # captions, not class ids
-            raise ValueError(f"{path} is a text-to-image model: sample it with dydit.t2i.sample_captions "
-                             "(captioned grids: dydit.t2i.save_captioned_grid), score it with `dydit eval`")
+        if is_text_to_image(model):  # captions, not class ids: a grid with each caption under its image
+            if num_samples is not None or npz or classes:
+                raise ValueError(f"{path} is a text-to-image model: it takes --prompt (or nothing), not --classes, "
+                                 "--num-samples or --npz; score it with `dydit eval`")
+            _sample_captions(model, path, prompt, num_per_class, steps, cfg_scale, seed, batch_size, out,
+                             engine if getattr(model, "dynamic_config", None) is not None else None)
+            return
+        if prompt:
+            raise ValueError(f"--prompt is for text-to-image models; {path} is class-conditional (use --classes)")
         cfg = model.config
         shown = _parse_classes(classes) if classes else list(range(cfg.num_classes))
         bad = [c for c in shown if not 0 <= c < cfg.num_classes]
