@@ -33,3 +33,11 @@ def scramble_routers(model, seed=1):
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
                     lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
     return model
+
+
+def tiny_dit():
+    """A 2-block DiT-FMNIST, seeded: the model of the training and reliability tests."""
+    from dydit.models.dit import build_model
+
+    torch.manual_seed(0)
+    return build_model("DiT-FMNIST", hidden_size=32, depth=2, num_heads=4)

@@ -14,14 +14,6 @@ TREE = {"b_cat": [(37, 23), (70, 45), (16, 16)], "a_dog": [(23, 37), (40, 40)], 
 CLASSES = sorted(TREE)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """train(threads=1) sets the process-wide thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")

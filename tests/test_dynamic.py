@@ -103,6 +103,12 @@ def test_centred_token_routers_save_and_load(tmp_path):
     assert rel_err(back(x, t, y), model(x, t, y)) < 1e-6
 
 
+def test_token_count_is_refused_where_the_block_does_not_pass_its_conditioning():
+    dynamize(build_model("Latte-Tiny"), DynamicConfig(token_center=True, token_count=True))  # official Latte: DiT's forward
+    with pytest.raises(ValueError, match="DyFLUX's text-aware router has no such form"):
+        dynamize(build_model("FLUX-Tiny"), DynamicConfig(token_center=True))
+
+
 def test_plan_precomputed_for_sampler_timesteps():
     model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")))).eval()
     ctx = DynamicContext("fast", record_usage=True)

@@ -24,23 +24,10 @@ import torch
 
 from dydit.errors import Interrupted, UserError, WriteError
 from dydit.train import TrainConfig, load_training_checkpoint, train
+from helpers import tiny_dit
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS, CKPT_EVERY = 8, 3
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_model():
-    from dydit.models.dit import build_model
-
-    torch.manual_seed(0)
-    return build_model("DiT-FMNIST", hidden_size=32, depth=2, num_heads=4)
 
 
 def _config(out, **kw) -> dict:
@@ -60,7 +47,7 @@ def _no_temp_files(out) -> bool:
 def reference(tmp_path_factory):
     """The uninterrupted run: its log (one entry per step) and EMA weights."""
     out = tmp_path_factory.mktemp("reference")
-    ema = train(TrainConfig(**_config(out)), model=_tiny_model(), progress=False)
+    ema = train(TrainConfig(**_config(out)), model=tiny_dit(), progress=False)
     return _log(out), ema.state_dict()
 
 
@@ -162,7 +149,7 @@ def test_sigkill_at_a_seeded_point_then_resume_gives_the_same_run(seed, tmp_path
         expected = (point["at"] // CKPT_EVERY) * CKPT_EVERY
     if expected:
         assert load_training_checkpoint(out / "checkpoint.pt")["step"] == expected
-    train(TrainConfig(**_config(out), resume=bool(expected)), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), resume=bool(expected)), model=tiny_dit(), progress=False)
     _same_run(out, reference)
 
 
@@ -201,11 +188,11 @@ def test_finetune_killed_during_a_checkpoint_write_resumes_to_the_same_model(tmp
 
 def test_stop_after_writes_a_checkpoint_and_resume_finishes_the_same_run(tmp_path, reference):
     out = tmp_path / "run"
-    train(TrainConfig(**_config(out), stop_after=2), model=_tiny_model(), progress=False)  # not a multiple of 3
+    train(TrainConfig(**_config(out), stop_after=2), model=tiny_dit(), progress=False)  # not a multiple of 3
     assert load_training_checkpoint(out / "checkpoint.pt")["step"] == 2
-    train(TrainConfig(**_config(out), resume=True, stop_after=3), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), resume=True, stop_after=3), model=tiny_dit(), progress=False)
     assert load_training_checkpoint(out / "checkpoint.pt")["step"] == 5
-    train(TrainConfig(**_config(out), resume=True), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), resume=True), model=tiny_dit(), progress=False)
     _same_run(out, reference)
 
 
@@ -219,14 +206,14 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tm
             return super().loss(model, x, y, step, gen)
 
     out = tmp_path / "run"
-    model = _tiny_model()
+    model = tiny_dit()
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 5 .* --resume") as e:
         train(TrainConfig(**_config(out)), model=model, task=SignalledTask(model), progress=False)
     assert e.value.exit_code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone with the run
     assert load_training_checkpoint(out / "checkpoint.pt")["step"] == 5
-    train(TrainConfig(**_config(out), resume=True), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), resume=True), model=tiny_dit(), progress=False)
     _same_run(out, reference)
 
 
@@ -278,7 +265,7 @@ def _assert_disk_full_message(text: str, out: Path, step: int):
 
 def test_real_full_disk_names_the_disk_and_keeps_the_last_checkpoint(small_disk):
     out = small_disk / "run"
-    model = _tiny_model()
+    model = tiny_dit()
     with pytest.raises(WriteError) as e:
         train(TrainConfig(**{**_config(out), "log_every": 100}), model=model,
               task=_filling_task(out, 4)(model), progress=False)
@@ -293,7 +280,7 @@ def test_patched_full_disk_as_torch_reports_it(tmp_path, monkeypatch):
     from collections import namedtuple
 
     out = tmp_path / "run"
-    train(TrainConfig(**_config(out), stop_after=3), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), stop_after=3), model=tiny_dit(), progress=False)
     real_save, real_usage = torch.save, shutil.disk_usage
     usage = namedtuple("usage", "total used free")
 
@@ -305,7 +292,7 @@ def test_patched_full_disk_as_torch_reports_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_save)
     with pytest.raises(WriteError) as e:
-        train(TrainConfig(**_config(out), resume=True), model=_tiny_model(), progress=False)
+        train(TrainConfig(**_config(out), resume=True), model=tiny_dit(), progress=False)
     monkeypatch.setattr(torch, "save", real_save)
     monkeypatch.setattr(shutil, "disk_usage", real_usage)
     _assert_disk_full_message(str(e.value), out, 3)
@@ -350,20 +337,20 @@ def test_real_read_only_mount(small_disk):
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped") / "run"
-    train(TrainConfig(**_config(out), stop_after=1), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out), stop_after=1), model=tiny_dit(), progress=False)
     return out
 
 
 def test_resume_with_other_settings_is_refused_unless_asked(stopped_run, tmp_path):
     with pytest.raises(UserError, match=r"other settings \(batch_size 16 -> 32; lr 0.0003 -> 0.001\)"):
         train(TrainConfig(**{**_config(stopped_run), "lr": 1e-3, "batch_size": 32}, resume=True),
-              model=_tiny_model(), progress=False)
+              model=tiny_dit(), progress=False)
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(stopped_run, copy)
     train(TrainConfig(**{**_config(copy), "lr": 1e-3}, resume=True, resume_with_changes=True, stop_after=1),
-          model=_tiny_model(), progress=False)
+          model=tiny_dit(), progress=False)
     assert load_training_checkpoint(copy / "checkpoint.pt")["step"] == 2
 
 
@@ -640,8 +627,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_dies_with_the
     out.mkdir()
     other = hold_run_lock(out)  # another run holds the folder
     with pytest.raises(UserError, match="in use by another dydit run"):
-        train(TrainConfig(**_config(out)), model=_tiny_model(), progress=False)
+        train(TrainConfig(**_config(out)), model=tiny_dit(), progress=False)
     assert not (out / "checkpoint.pt").exists()  # nothing of the refused run was written
     other.close()  # that run ended (a killed process releases it the same way)
-    train(TrainConfig(**_config(out)), model=_tiny_model(), progress=False)
+    train(TrainConfig(**_config(out)), model=tiny_dit(), progress=False)
     hold_run_lock(out).close()  # a finished run leaves the folder free

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dydit.train import TrainConfig, load_training_checkpoint, train
+from helpers import tiny_dit
 
 TESTS = Path(__file__).resolve().parent
 STEPS, CKPT_EVERY, HANG_AT = 10, 4, 6  # the killed run checkpoints at step 4 and hangs in step 7
@@ -34,21 +35,6 @@ torch.manual_seed(0)
 model = build_model("DiT-FMNIST", hidden_size=32, depth=2, num_heads=4)
 train(TrainConfig(**json.loads(sys.argv[1])), model=model, task=HangingTask(model), progress=False)
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """train(threads=1) sets the process-wide thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_model():
-    from dydit.models.dit import build_model
-
-    torch.manual_seed(0)
-    return build_model("DiT-FMNIST", hidden_size=32, depth=2, num_heads=4)
 
 
 def _config(out) -> dict:
@@ -74,7 +60,7 @@ def _wait_for(predicate, proc, timeout=120.0):
 
 
 def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
-    ref_ema = train(TrainConfig(**_config(tmp_path / "ref")), model=_tiny_model(), progress=False)
+    ref_ema = train(TrainConfig(**_config(tmp_path / "ref")), model=tiny_dit(), progress=False)
     ref_log = _log_by_step(tmp_path / "ref" / "log.jsonl")
     assert sorted(ref_log) == list(range(1, STEPS + 1))
 
@@ -94,7 +80,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert load_training_checkpoint(out / "checkpoint.pt")["step"] == CKPT_EVERY
 
-    resumed_ema = train(TrainConfig(**_config(out), resume=True), model=_tiny_model(), progress=False)
+    resumed_ema = train(TrainConfig(**_config(out), resume=True), model=tiny_dit(), progress=False)
     log = _log_by_step(out / "log.jsonl")
     for step in range(1, STEPS + 1):
         for key in ("loss", "mse", "grad_norm", "lr"):
@@ -123,7 +109,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert 0 < lrs[-1] < 1e-6
     assert _lr_at(TrainConfig(steps=100, lr=1e-3, warmup_steps=0), 99) == 1e-3  # constant stays constant
     with pytest.raises(ValueError, match="lr_schedule"):
-        train(TrainConfig(lr_schedule="linear", steps=1), model=_tiny_model(), progress=False)
+        train(TrainConfig(lr_schedule="linear", steps=1), model=tiny_dit(), progress=False)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

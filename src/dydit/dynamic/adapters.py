@@ -132,6 +132,10 @@ def span_routed(unit, span: Span) -> int:
 class BlockAdapter:
     """How one block class is routed. Subclass, implement both methods, register for the class."""
 
+    # whether forward() passes the block conditioning to its token router (route=(c,)), which the token
+    # routers' count term (DynamicConfig.token_count) needs
+    token_conditioning: bool = False
+
     def spec(self, block: nn.Module, model: nn.Module) -> BlockSpec:
         """The routed units of ``block`` (an instance inside ``model``)."""
         raise NotImplementedError
@@ -151,6 +155,10 @@ class BlockAdapter:
         """The token router ``dynamize`` attaches (default: the DyDiT per-token MLP on the token itself).
         Its ``forward(x, *route, tau, training, noise)`` and ``keep(x, *route)`` see the tokens and the
         extra inputs the adapter's forward passes as ``run.token_update(..., route=...)``."""
+        if config.token_count and not self.token_conditioning:
+            raise ValueError(f"token_count (routing.token_count) needs a block adapter that passes the block "
+                             f"conditioning to its token router; {type(self).__name__} does not (DiT/SiT and "
+                             "official Latte blocks do): turn it off")
         return TokenRouter(spec.token_dim, config.token_hidden_ratio, config.token_bias_init,
                            center=config.token_center, count_dim=spec.width_dim if config.token_count else None)
 

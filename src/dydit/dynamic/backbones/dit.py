@@ -20,6 +20,7 @@ class DiTBlockAdapter(BlockAdapter):
     their own token geometry (:meth:`geometry`) and their frames or positions folded into the batch."""
 
     kind = "block"
+    token_conditioning = True  # forward passes c to the token router
 
     def geometry(self, block: DiTBlock, model) -> tuple[int, int, int]:
         """(tokens per sample, attention instances per sample, attention length) of ``block``."""
