@@ -7,6 +7,8 @@ from dydit.bench_compare import Row, parse_row, plot
 def test_parse_row_reads_every_option_and_rejects_unknown_ones():
     r = parse_row("pruned=runs/pruned/ema,steps=13,fbcache=0.05,adapters=runs/a")
     assert (r.name, r.path, r.steps, r.fbcache, r.adapters) == ("pruned", "runs/pruned/ema", 13, 0.05, "runs/a")
+    r = parse_row("DyFLUX λ=0.5 + FBCache rdt=0.1=runs/dyflux/ema,fbcache=0.1")  # "=" inside the name
+    assert (r.name, r.path, r.fbcache) == ("DyFLUX λ=0.5 + FBCache rdt=0.1", "runs/dyflux/ema", 0.1)
     with pytest.raises(ValueError, match="name=path"):
         parse_row("just-a-path")
     with pytest.raises(ValueError, match="unknown option 'stpes'"):

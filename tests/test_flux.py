@@ -431,11 +431,46 @@ def test_importance_reordering_keeps_the_flux_function():
     assert rel_err(run(model, kw), ref) < 1e-5
 
 
-def test_first_block_cache_refuses_flux_blocks_in_one_line():
+def test_first_block_cache_on_flux_both_streams_and_both_block_kinds():
+    """First-Block-Cache on diffusers' FLUX blocks (keyword calls, (text, image) returns): rdt=0 is exact,
+    static and DyFLUX; a skipped step is block 0 plus the last full step's rest residual on both streams."""
     from dydit.cache import FirstBlockCache, cached
 
-    model = dynamize(tiny_flux())
-    with pytest.raises(TypeError, match="FluxTransformerBlock is called otherwise and is not supported yet"):
-        with cached(model, FirstBlockCache(rdt=0.1)):
-            run(model, flux_inputs(1))
-    assert rel_err(run(model, flux_inputs(1)), run(tiny_flux(), flux_inputs(1))) < 1e-5  # the hooks are gone
+    base = tiny_flux()
+    dyn_model = scramble(dynamize(tiny_flux()))
+    for model in (base, dyn_model):
+        plain = [run(model, flux_inputs(2, t=t)) for t in (0.9, 0.6)]
+        with cached(model, FirstBlockCache(rdt=0.0, warmup=0)) as cache:
+            got = [run(model, flux_inputs(2, t=t)) for t in (0.9, 0.6)]
+        assert cache.skipped_steps == 0 and all(rel_err(g, p) < 1e-6 for g, p in zip(got, plain))
+    # a skip with a huge threshold, against a hand-made reference from plain forward hooks
+    blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
+    seen = {}
+
+    def note(m, a, kw, out):  # returns None: the block's output stands
+        if m is blocks[1]:
+            seen["in"] = (kw["hidden_states"], kw["encoder_hidden_states"])
+        if m is blocks[-1]:
+            seen["out"] = (out[1], out[0])
+    hooks = [b.register_forward_hook(note, with_kwargs=True) for b in (blocks[1], blocks[-1])]
+    run(base, flux_inputs(2, t=0.9))
+    for h in hooks:
+        h.remove()
+    r_img, r_txt = (o - i for o, i in zip(seen["out"], seen["in"]))
+
+    def rest(m, a, kw, out):  # block 1 adds the cached residuals, the others pass their inputs on
+        img, txt = kw["hidden_states"], kw["encoder_hidden_states"]
+        return (txt + r_txt, img + r_img) if m is blocks[1] else (txt, img)
+    hooks = [b.register_forward_hook(rest, with_kwargs=True) for b in blocks[1:]]
+    want = run(base, flux_inputs(2, t=0.6, seed=3))
+    for h in hooks:
+        h.remove()
+    with cached(base, FirstBlockCache(rdt=1e9, warmup=0)) as cache:
+        full = run(base, flux_inputs(2, t=0.9))
+        skipped = run(base, flux_inputs(2, t=0.6, seed=3))
+    assert [s.skipped for s in cache.history] == [False, True]
+    assert rel_err(full, run(base, flux_inputs(2, t=0.9))) < 1e-6 and rel_err(skipped, want) < 1e-5
+    assert rel_err(skipped, run(base, flux_inputs(2, t=0.6, seed=3))) > 1e-3  # it really skipped
+    assert "forward" not in blocks[1].__dict__  # the hooks are gone
+
+

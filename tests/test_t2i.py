@@ -270,8 +270,13 @@ def test_dydit_eval_scores_a_dyflux_folder(tmp_path):
     res = json.loads(out.read_text())
     assert {"class_acc", "position_acc", "brightness_acc", "all_acc", "crop_fid", "s_per_image"} <= set(res)
     assert res["num_samples"] == 8 and 0 < res["flops_ratio"] < 1
-    r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--fbcache", "0.1"])
-    assert r.exit_code == 1 and "not available for text-to-image" in r.output
+    # First-Block-Cache stacked on DyFLUX: a huge threshold skips every step but the first and last
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "dyflux"), "--num-samples", "8", "--steps", "4",
+                                 "--batch-size", "8", "--fbcache", "1e9", "--cache-dir", str(tmp_path),
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    cached = json.loads(out.read_text())
+    assert cached["block_share"] < 1 and cached["flops_ratio"] < res["flops_ratio"] and cached["gmacs_per_image"] > 0
     # `dydit sample` draws a captioned grid: a balanced set of captions, or the --prompt ones
     r = CliRunner().invoke(app, ["sample", str(tmp_path / "dyflux"), "--steps", "2", "--out", str(tmp_path / "grid.png")])
     assert r.exit_code == 0 and "16 images, each caption under its image" in r.output, r.output

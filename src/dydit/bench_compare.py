@@ -40,10 +40,12 @@ def parse_row(text: str) -> Row:
     """``name=path[,steps=N][,fbcache=R][,adapters=DIR]`` (the CLI's --row)."""
     if "=" not in text:
         raise ValueError(f"--row {text!r}: expected name=path[,steps=N][,fbcache=R][,adapters=DIR]")
-    name, rest = text.split("=", 1)
-    parts = rest.split(",")
-    row = Row(name=name.strip(), path=parts[0].strip())
-    for p in parts[1:]:
+    head, *parts = text.split(",")
+    if "=" not in head:
+        raise ValueError(f"--row {text!r}: expected name=path[,steps=N][,fbcache=R][,adapters=DIR]")
+    name, path = head.rsplit("=", 1)  # the name may hold "=" (e.g. "DyDiT λ=0.5"), the path may not
+    row = Row(name=name.strip(), path=path.strip())
+    for p in parts:
         k, _, v = p.partition("=")
         k = k.strip()
         if k == "steps":

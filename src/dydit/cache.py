@@ -18,6 +18,11 @@ block 0 (diffusers' own First-Block-Cache, which adds the residual at block 0 in
 there). Block 1 and the last block must see the same token layout (Latte: both temporal); rearranges
 between blocks are permutations and commute with adding a residual.
 
+Two-stream blocks (diffusers' FLUX: ``block(hidden_states=image, encoder_hidden_states=text, ...)`` returning
+``(text, image)``, double- and single-stream alike) are cached stream by stream: the skip decision reads
+block 0's image residual (as diffusers' cache does), and a skipped step adds the rest's image and text
+residuals at block 1.
+
 The cache hooks the block list the model's adapter names (:mod:`dydit.dynamic.adapters`), so a
 backbone needs no cache argument. Dynamic models work unchanged: their blocks run their dynamic
 forward under the hook, and a skipped step skips their dynamic compute too. Any sampler uses it
@@ -95,9 +100,9 @@ class FirstBlockCache:
         """Begins a new sampling run: drops cached tensors, keeps statistics."""
         self._step = None  # None: the next forward opens a run
         self._shape = None
-        self._ref_residual = None  # (B, N, D) block 0 residual at the last full step
-        self._rest_residual = None  # residual of blocks 1..L-1 at the last full step, in block 1's layout
-        self._rest_input = None  # block 1's input at the current full step
+        self._ref_residual = None  # (B, N, D) block 0 residual (first stream) at the last full step
+        self._rest_residual = None  # per stream: residual of blocks 1..L-1 at the last full step, block 1's layout
+        self._rest_input = None  # block 1's input streams at the current full step
         self._consecutive = 0
         self._skipping = False
 
@@ -138,20 +143,24 @@ class FirstBlockCache:
             return False
         return self.max_consecutive is None or self._consecutive < self.max_consecutive
 
-    def _first(self, block, depth: int, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Block 0 under the cache: runs it, decides whether blocks 1..L-1 are skipped at this step."""
+    def _first(self, block, depth: int, streams: tuple, call) -> tuple:
+        """Block 0 under the cache: runs it, decides whether blocks 1..L-1 are skipped at this step.
+        ``streams``: the block's token streams (DiT/Latte: the tokens; FLUX: image tokens, text tokens);
+        ``call(streams)`` runs the block's own forward and returns its streams in the same order."""
+        shape = tuple(tuple(t.shape) for t in streams)
         if self._step is None or (self.num_steps is not None and self._step >= self.num_steps):
             self.start()
-            self._step, self._shape, self._run = 0, tuple(tokens.shape), self._run + 1
-        elif tuple(tokens.shape) != self._shape:
+            self._step, self._shape, self._run = 0, shape, self._run + 1
+        elif shape != self._shape:
             raise ValueError(
-                f"FirstBlockCache holds tensors of shape {self._shape} but this forward has tokens of shape "
-                f"{tuple(tokens.shape)}; the batch size must stay constant within a sampling run "
+                f"FirstBlockCache holds tensors of shape {self._shape[0]} but this forward has tokens of shape "
+                f"{shape[0]}; the batch size must stay constant within a sampling run "
                 "(call cache.start() between runs, or give num_steps)"
             )
-        first = type(block).forward(block, tokens, *args, **kwargs)  # (B, N, D)
-        residual = first - tokens
-        distance = relative_l1(residual, self._ref_residual) if self._ref_residual is not None else None
+        first = call(streams)
+        residual = tuple(o - i for o, i in zip(first, streams))
+        # the skip decision reads the first stream (FLUX: the image tokens, as diffusers' cache does)
+        distance = relative_l1(residual[0], self._ref_residual) if self._ref_residual is not None else None
         self._skipping = depth > 1 and self._may_skip(self._step) and distance < self.rdt
         self._depth, self._distance = depth, distance
         if self._skipping:
@@ -164,31 +173,31 @@ class FirstBlockCache:
             return self._finish_full(first)
         return first
 
-    def _rest(self, block, position: int, last: bool, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _rest(self, block, position: int, last: bool, streams: tuple, call) -> tuple:
         """Blocks 1..L-1: while skipping, block 1 adds the cached residual and the others are the identity;
         otherwise they run (block 1 notes its input, the last block refreshes the cache)."""
         if self._skipping:
-            return tokens + self._rest_residual if position == 1 else tokens
+            return tuple(t + r for t, r in zip(streams, self._rest_residual)) if position == 1 else streams
         if position == 1:
-            self._rest_input = tokens
-        out = type(block).forward(block, tokens, *args, **kwargs)
+            self._rest_input = streams
+        out = call(streams)
         return self._finish_full(out) if last else out
 
-    def _finish_full(self, out):
-        if out.shape != self._rest_input.shape:
+    def _finish_full(self, out: tuple) -> tuple:
+        if [t.shape for t in out] != [t.shape for t in self._rest_input]:
             raise ValueError(
-                f"First-Block-Cache: block 1 sees tokens of shape {tuple(self._rest_input.shape)} but the last block "
-                f"returns {tuple(out.shape)}; the cached residual needs both in one layout (an odd number of "
-                "alternating spatial/temporal blocks?)")
-        self._ref_residual = self._first_residual.detach()
-        self._rest_residual = (out - self._rest_input).detach()
+                f"First-Block-Cache: block 1 sees tokens of shape {tuple(self._rest_input[0].shape)} but the last "
+                f"block returns {tuple(out[0].shape)}; the cached residual needs both in one layout (an odd number "
+                "of alternating spatial/temporal blocks?)")
+        self._ref_residual = self._first_residual[0].detach()
+        self._rest_residual = tuple((o - i).detach() for o, i in zip(out, self._rest_input))
         self._rest_input = self._first_residual = None
         self._consecutive = 0
         self._end_step()
         return out
 
     def _end_step(self):
-        self.history.append(CacheStep(self._run, self._step, self._shape[0], self._depth, self._distance,
+        self.history.append(CacheStep(self._run, self._step, self._shape[0][0], self._depth, self._distance,
                                       self._skipping))
         self._step += 1
 
@@ -200,12 +209,27 @@ class _CachedForward:
         self.cache, self.block, self.position, self.depth = cache, block, position, depth
 
     def __call__(self, *args, **kwargs):
-        if not args or not torch.is_tensor(args[0]):  # e.g. FLUX blocks: keyword arguments, two token streams
-            raise TypeError(f"First-Block-Cache caches blocks called as block(tokens, ...) that return tokens; "
-                            f"{type(self.block).__name__} is called otherwise and is not supported yet")
+        forward = type(self.block).forward
+        if args and torch.is_tensor(args[0]):  # DiT / Latte: block(tokens, ...) -> tokens
+            def call(streams):
+                return (forward(self.block, streams[0], *args[1:], **kwargs),)
+            streams, to_output = (args[0],), (lambda s: s[0])
+        elif not args and torch.is_tensor(kwargs.get("hidden_states")) and torch.is_tensor(
+                kwargs.get("encoder_hidden_states")):
+            # FLUX (diffusers): block(hidden_states=image, encoder_hidden_states=text, ...) -> (text, image);
+            # double and single-stream blocks alike, so every block keeps both streams in one layout
+            def call(streams):
+                text, image = forward(self.block, **{**kwargs, "hidden_states": streams[0],
+                                                     "encoder_hidden_states": streams[1]})
+                return image, text
+            streams, to_output = (kwargs["hidden_states"], kwargs["encoder_hidden_states"]), (lambda s: (s[1], s[0]))
+        else:
+            raise TypeError(f"First-Block-Cache caches blocks called as block(tokens, ...) or, as diffusers' FLUX "
+                            f"blocks, block(hidden_states=..., encoder_hidden_states=...); "
+                            f"{type(self.block).__name__} is called otherwise and is not supported")
         if self.position == 0:
-            return self.cache._first(self.block, self.depth, *args, **kwargs)
-        return self.cache._rest(self.block, self.position, self.position == self.depth - 1, *args, **kwargs)
+            return to_output(self.cache._first(self.block, self.depth, streams, call))
+        return to_output(self.cache._rest(self.block, self.position, self.position == self.depth - 1, streams, call))
 
 
 def cache_blocks(model) -> list:

@@ -307,7 +307,7 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
     from dydit.t2i import is_text_to_image
 
     if is_text_to_image(model):  # B5: GenEval-style adherence on Captioned Fashion-MNIST
-        return _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, seed, batch_size,
+        return _evaluate_t2i_checkpoint(path, model, dyn, wrap, num_samples, steps, cfg_scale, seed, batch_size,
                                         fbcache, adapters, data, cache_dir, dev)
     with wrap() as cache:
         result = evaluate_model(model, num_samples, sampler, steps, cfg_scale, seed, batch_size, dyn=dyn,
@@ -334,27 +334,32 @@ def evaluate_checkpoint(path, num_samples: int = 5000, sampler=None, steps: int 
     return result
 
 
-def _evaluate_t2i_checkpoint(path, model, dyn, num_samples, steps, cfg_scale, seed, batch_size, fbcache,
+def _evaluate_t2i_checkpoint(path, model, dyn, wrap, num_samples, steps, cfg_scale, seed, batch_size, fbcache,
                              adapters, data, cache_dir, dev) -> dict:
-    """A text-to-image (FLUX-style) model: class/position/brightness accuracy, crop FID, s/image, FLOPs."""
+    """A text-to-image (FLUX-style) model: class/position/brightness accuracy, crop FID, s/image, FLOPs;
+    under First-Block-Cache (``fbcache``) too, alone or stacked on DyFLUX."""
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
+    from dydit.t2i import set_t2i_token_geometry
     from dydit.t2i_metrics import evaluate_t2i
 
-    if fbcache is not None or adapters:
-        raise ValueError("--fbcache and --adapters are not available for text-to-image models")
-    if getattr(model, "dynamic_config", None) is not None:
-        from dydit.t2i import set_t2i_token_geometry
+    if adapters:
+        raise ValueError("--adapters is not available for text-to-image models")
+    set_t2i_token_geometry(model)  # the FLOPs counter's (image, text) tokens on the canvas
+    with wrap() as cache:
+        result = evaluate_t2i(model.eval(), num_samples, steps=steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn,
+                              batch_size=batch_size, data=data, cache_dir=cache_dir)
+    cfg_batches = 2 if cfg_scale != 1.0 else 1
+    if cache is not None:
+        from dydit.cache import cached_macs
 
-        set_t2i_token_geometry(model)
-    result = evaluate_t2i(model.eval(), num_samples, steps=steps, cfg_scale=cfg_scale, seed=seed, dyn=dyn,
-                          batch_size=batch_size, data=data, cache_dir=cache_dir)
-    if getattr(model, "dynamic_config", None) is not None:
-        s = summarize(dyn.usage, flops_spec(model), 2 if cfg_scale != 1.0 else 1, forwards=steps)
+        m = cached_macs(flops_spec(model), cache, dyn.usage if dyn is not None else None, cfg_batches)
+        result.update(fbcache_rdt=fbcache, block_share=cache.block_share(), flops_ratio=m["block_ratio"],
+                      gmacs_per_image=m["per_image"] / 1e9, gmacs_per_forward=m["per_forward"] / 1e9)
+    else:
+        s = summarize(dyn.usage if dyn is not None else None, flops_spec(model), cfg_batches, forwards=steps)
         result.update(flops_ratio=s["flops_ratio"], gmacs_per_forward=s["gmacs_per_forward"],
                       gmacs_per_image=s["gmacs_per_image"])
-    else:
-        result["flops_ratio"] = 1.0
     result["source"] = str(path)
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     result["threads"] = torch.get_num_threads()
