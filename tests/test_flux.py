@@ -474,3 +474,25 @@ def test_first_block_cache_on_flux_both_streams_and_both_block_kinds():
     assert "forward" not in blocks[1].__dict__  # the hooks are gone
 
 
+
+
+def test_centred_text_aware_token_routers_route_per_token_and_save(tmp_path):
+    """DyFLUX with token_center: each sample's image-token logits average to the router bias (the text term
+    cancels), the fast engine equals the masked reference with tokens really skipped, and the option is
+    saved and restored with the model."""
+    model = scramble(dynamize(tiny_flux(), DynamicConfig(token_center=True)))
+    r = model.transformer_blocks[0].token_selection
+    assert r.center
+    x, temb, text = torch.randn(3, NI, D), torch.randn(3, D), torch.randn(3, NT, D)
+    logits = r.logits(x, temb, text)
+    assert torch.allclose(logits.mean(-1), r.router.bias.expand(3), atol=1e-5) and logits.std(-1).min() > 0.05
+    assert torch.equal(r.logits(x, temb, torch.randn(3, NT, D)), logits)  # the text term cancels
+    kw = flux_inputs(2)
+    ctx = DynamicContext("fast", record_usage=True)
+    fast = run(model, kw, ctx)
+    assert 0 < sum(ctx.usage[0].tokens_kept) < 2 * NI * len(ctx.usage[0].tokens_kept)  # some tokens skipped
+    assert rel_err(fast, run(model, kw, DynamicContext("masked"))) < 1e-5
+    model.save_pretrained(tmp_path / "m")
+    back = dydit.load(tmp_path / "m")
+    assert back.dynamic_config.token_center and back.transformer_blocks[0].token_selection.center
+    assert rel_err(run(back, kw, DynamicContext("fast")), fast) < 1e-6

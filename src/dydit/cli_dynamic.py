@@ -313,8 +313,10 @@ def demo(
     console.print(f"grids written to [bold]{out_dir.resolve()}[/bold] (one row per class index 0-9, columns = samples)")
     shipped = {("static" if name == "mfmnist_latte" else name.rsplit("_", 1)[1]): ASSETS_DIR / name
                for name in ("mfmnist_latte", "mfmnist_dylatte_0.7", "mfmnist_dylatte_0.5") if (ASSETS_DIR / name).exists()}
-    if "static" in shipped:
-        _video_demo(shipped, out_dir / "video", steps, cfg_scale, per_class, seed, repeats, console)
+    if "static" in shipped:  # one video per class and one timed round: a video costs ~64 images' compute
+        console.print("[bold]Moving Fashion-MNIST video (shipped Latte and DyLatte)[/bold]: one video per class, one "
+                      "timed round (--video static=... --video 0.5=... for more)")
+        _video_demo(shipped, out_dir / "video", steps, cfg_scale, 1, seed, 1, console)
 
 
 def _video_demo(models: dict, out_dir: Path, steps: int, cfg_scale: float, per_class: int, seed: int,

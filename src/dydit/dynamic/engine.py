@@ -249,13 +249,34 @@ def _block_forward(self, *args, **kwargs):
 _CLASSES: dict[type, type] = {}
 
 
+DYNAMIC_CONFIG_NAME = "dydit_dynamic.json"  # beside a diffusers folder's config.json: the DynamicConfig
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """diffusers' ``save_pretrained``, plus the model's DynamicConfig in ``dydit_dynamic.json``: the router
+    tensors say which routers exist, this file says the rest (e.g. centred token logits)."""
+    import json
+    from pathlib import Path
+
+    from dydit.io.atomic import atomic_write_text
+
+    out = type(self)._dydit_base.save_pretrained(self, save_directory, *args, **kwargs)
+    cfg = getattr(self, "dynamic_config", None)
+    if cfg is not None:
+        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", Path(save_directory) / DYNAMIC_CONFIG_NAME)
+    return out
+
+
 def _dynamic_class(cls: type, forward) -> type:
     if getattr(cls, "_dydit_base", None) is not None:
         return cls
     if cls not in _CLASSES:
         # Same name, so saved files, reprs and error messages keep the backbone's own class name.
-        _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_dydit_base": cls,
-                                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        namespace = {"forward": forward, "_dydit_base": cls, "__module__": cls.__module__,
+                     "__qualname__": cls.__qualname__}
+        if forward is _model_forward and hasattr(cls, "save_pretrained"):  # a diffusers model (FLUX)
+            namespace["save_pretrained"] = _save_pretrained
+        _CLASSES[cls] = type(cls.__name__, (cls,), namespace)
     return _CLASSES[cls]
 
 

@@ -146,6 +146,16 @@ def _build(state: dict, cfg: dict, path):
         raise ValueError(f"{path}: the checkpoint has {ckpt} but the config describes {conf}; "
                          "pass the config of the model this checkpoint was fine-tuned from")
     layout = dynamic_layout(state, model.config.num_attention_heads)
+    saved = Path(path) / "dydit_dynamic.json" if Path(path).is_dir() else None
+    if layout is not None and saved is not None and saved.exists():  # what the router keys cannot say
+        from dydit.dynamic import DynamicConfig
+
+        recorded = DynamicConfig.from_dict(json.loads(saved.read_text()))
+        for key in ("width", "tokens", "always_on", "optional_units"):
+            if getattr(recorded, key) != getattr(layout, key):
+                raise ValueError(f"{saved}: {key}={getattr(recorded, key)!r} but the weights' router tensors say "
+                                 f"{getattr(layout, key)!r}; the folder mixes two models, save it again")
+        layout = recorded
     if layout is not None:
         from dydit.dynamic import dynamize
 

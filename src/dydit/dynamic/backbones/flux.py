@@ -83,10 +83,10 @@ class _FluxBlockAdapter(BlockAdapter):
     """Both FLUX block kinds route image tokens with the authors' text-aware router (DyFLUX)."""
 
     def make_token_router(self, block, spec, config):
-        if config.token_center or config.token_count:
-            raise ValueError("token_center / token_count (routing.token_center, routing.token_count) change the "
-                             "DyDiT token router; DyFLUX's text-aware router has no such form: turn them off")
-        return TextAwareTokenRouter(spec.token_dim, spec.width_dim, config.token_bias_init)
+        if config.token_count:
+            raise ValueError("token_count (routing.token_count) adds a count term on the DiT block conditioning; "
+                             "DyFLUX's text-aware router has no such form: turn it off")
+        return TextAwareTokenRouter(spec.token_dim, spec.width_dim, config.token_bias_init, center=config.token_center)
 
 
 class FluxDoubleBlockAdapter(_FluxBlockAdapter):
