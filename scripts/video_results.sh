@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark B4 (docs: BENCHMARKS.md; issue 17): the Moving Fashion-MNIST Latte base, DyLatte at λ = 0.7 and
 # 0.5, their video metrics, the video B3 table and plot, the side-by-side GIFs, and B2 on Latte-B/2.
-# Run on 2026-12-04 at a REDUCED size that fits one session on the 2-core CPU (no GPU was lent): the base
-# trains 1,500 steps (not 3,000) with bf16 autocast, the fine-tunes 225 steps each (15% of the base), and
-# the video B3 scores 250 videos per row at 20 steps. Timings of this run (1 thread per job, two jobs at once):
-#   base: 1.9 s/step (bf16, batch 32), ~50 min; each fine-tune: see docs/RESULTS.md "Video"; B3: ~1 h.
-# The larger run (3,000 base steps, 1,000 videos per row, 25 steps) costs ~11.5 CPU-h (estimate from timed
-# smoke runs): change BASE_STEPS, FT_STEPS, N and STEPS below.
+# Session 25 (2026-12-04, 2-core CPU, no GPU) ran step 1 at a reduced size (BASE_STEPS=1500, bf16, 53 min at
+# 1 thread beside another job): the base does not yet draw one coherent moving item (samples are scattered
+# patches; `python3 scripts/latte_locality.py runs/mfmnist-latte/checkpoint.pt`, docs/RESULTS.md "Video"), so
+# steps 2-5 were not run. The defaults below are the sizes that fit one session; the full run
+# (BASE_STEPS=3000 or more, N=1000, STEPS=25) costs ~11.5 CPU-h (estimate from timed smoke runs) and likely needs
+# more base steps than that: a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=src/dydit/assets

@@ -82,24 +82,9 @@ def test_finetune_task_counts_spatial_and_temporal_blocks_on_video_batches():
 
 
 def test_video_results_script_fine_tunes_resolve_within_15_percent_of_the_base():
-    import re
-    from pathlib import Path
+    from test_recipe import _script_recipes_within_budget
 
-    from typer.testing import CliRunner
-
-    from dydit.cli import app
-    from test_recipe import _script_finetune_lines
-
-    text = (Path(__file__).resolve().parents[1] / "scripts" / "video_results.sh").read_text()
-    base_steps = int(re.search(r"^dydit train --model Latte-MFMNIST .*--steps (\d+)", text.replace("\\\n", " "),
-                               re.M).group(1))
-    runs = _script_finetune_lines(text)
-    assert len(runs) == 2
-    for args in runs:
-        res = CliRunner().invoke(app, ["finetune", *args, "--show-recipe"])
-        assert res.exit_code == 0, (args, res.output)
-        recipe = json.loads(res.output)
-        assert recipe["optim"]["steps"] <= 0.15 * base_steps and recipe["optim"]["batch_size"] == 32
+    assert len(_script_recipes_within_budget("video_results.sh", "dydit train --model Latte-MFMNIST")) == 2
 
 
 def test_td_lora_on_latte_mixes_experts_per_video_sample():

@@ -162,6 +162,8 @@ def test_flops_hand_count_per_block_kind():
     assert single.gated == {"attn": NI * D * D, "mlp": 8 * NI * D * D}
     embed = NI * C_IN * D + NT * JOINT * D + 2 * (256 * D + D * D) + POOLED * D + D * D
     assert spec.embed == embed and spec.final == 2 * D * D + NI * D * C_IN
+    # the text-aware token router: linear_t once per sample on temb (D -> 4D), its router (D -> 1) per image token
+    assert double.token_router == single.token_router == D * 4 * D + NI * D
     # realised MACs: each unit with its own width (ff_context at 1 of 4 groups, ff at 2), tokens half kept
     m = realised_macs(spec, [H] * 4, [H] * 4, [NI / 2] * 4,
                       units=[{"attn": 2, "mlp": 2, "mlp_context": 1}, {}, {"attn": 1, "mlp": 4}, {}])

@@ -23,20 +23,47 @@ def _sets(*assignments):
     return [a for s in assignments for a in ("--set", s)]
 
 
-def _script_finetune_lines(text: str) -> list[list[str]]:
-    """The arguments of every `dydit finetune` in a shell script: its VAR="..." expanded, the peft loop unrolled."""
+def _script_finetune_lines(text: str, command: str = "dydit finetune") -> list[list[str]]:
+    """The arguments of every `dydit finetune` (or ``command``) in a shell script: its VAR="..." and
+    VAR=${VAR:-default} expanded, the peft loop unrolled."""
     text = text.replace("\\\n", " ")
     env, lines = {}, []
     expand = lambda s: re.sub(r"\$([A-Za-z][A-Za-z0-9_]*)", lambda m: env[m.group(1)], s)  # noqa: E731
-    for line in (raw.strip() for raw in text.splitlines()):
+    for line in (part.strip() for raw in text.splitlines() for part in raw.split("; ")):
+        default = re.match(r'^([A-Za-z][A-Za-z0-9_]*)=\$\{\1:-([^}]*)\}$', line)  # NAME=${NAME:-default}
         m = re.match(r'^([A-Za-z][A-Za-z0-9_]*)="?([^"]*)"?$', line)
-        if m:
+        if default:
+            env[default.group(1)] = default.group(2)
+        elif m:
             env[m.group(1)] = expand(m.group(2))
-        elif line.startswith("dydit finetune"):
+        elif line.startswith(command):
             for peft in ("lora", "td-lora") if "$peft" in line else (None,):
                 lines.append(shlex.split(expand(line.replace("$peft", peft) if peft else line))[2:])
     return lines
 
+
+
+def _script_recipes_within_budget(script: str, base_command: str) -> list[dict]:
+    """The resolved recipe of every `dydit finetune` in ``scripts/<script>``, each checked against the script's base
+    training run (``base_command``): at most 15% of its steps, at its batch size."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from dydit.cli import app
+
+    text = (Path(__file__).resolve().parents[1] / "scripts" / script).read_text()
+    (train,) = _script_finetune_lines(text, base_command)
+    base_steps = int(train[train.index("--steps") + 1])
+    base_batch = int(train[train.index("--batch-size") + 1])
+    recipes = []
+    for args in _script_finetune_lines(text):
+        res = CliRunner().invoke(app, ["finetune", *args, "--show-recipe"])
+        assert res.exit_code == 0, (args, res.output)
+        recipe = json.loads(res.output)
+        assert recipe["optim"]["steps"] <= 0.15 * base_steps and recipe["optim"]["batch_size"] == base_batch, args
+        recipes.append(recipe)
+    return recipes
 
 @pytest.mark.parametrize("lam", ["0.5", "0.7"])
 def test_shipped_model_carries_the_recipe_its_name_resolves_to(lam):

@@ -306,3 +306,16 @@ def test_bench_compare_scores_static_and_dyflux_rows_on_b5(tmp_path):
     assert res[0]["flops_ratio"] == 1.0 and res[2]["flops_ratio"] < 1.0
     assert all(r["s_per_image"] > 0 and 0 <= r["all_acc"] <= 1 for r in res)
     assert (tmp_path / "b5.png").exists()
+
+
+def test_b5_script_fine_tunes_stay_within_15_percent_of_the_base_and_ship_a_centred_dyflux():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_recipe import _script_recipes_within_budget
+
+    recipes = _script_recipes_within_budget("t2i_results.sh", "dydit train --model FLUX-CFMNIST")
+    assert len(recipes) == 5
+    shipped = recipes[0]["routing"]  # the first fine-tune is the shipped DyFLUX
+    assert shipped["tokens"] and shipped["width"] and shipped["token_center"]

@@ -96,6 +96,16 @@ def _linear_macs(module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def token_router_macs(router, num_tokens: int) -> int:
+    """Per-sample MACs of a token router: its per-token Linears for every token, plus the Linears it runs
+    once per sample on the conditioning (``router.per_sample_modules``: DyFLUX's ``linear_t``, the count term)."""
+    once = [m for name in getattr(router, "per_sample_modules", ()) if (m := getattr(router, name, None)) is not None]
+    seen = {id(x) for m in once for x in m.modules()}
+    per_token = sum(m.in_features * m.out_features for m in router.modules()
+                    if isinstance(m, torch.nn.Linear) and id(m) not in seen)
+    return num_tokens * per_token + sum(_linear_macs(m) for m in once)
+
+
 def block_flops(block, spec) -> BlockFlops:
     """The FLOPs description of one block from its adapter's spec (and the routers attached to it)."""
     units = {u.name: unit_macs(block, u) for u in spec.units}
@@ -111,7 +121,7 @@ def block_flops(block, spec) -> BlockFlops:
         num_tokens=spec.num_tokens,
         modulation=spec.fixed_macs,
         width_router=width_router,
-        token_router=spec.num_tokens * _linear_macs(token) if token is not None else 0.0,
+        token_router=token_router_macs(token, spec.num_tokens) if token is not None else 0.0,
         units=units,
         token_units=tuple(name for name, g in gated.items() if g),
         kind=spec.kind,

@@ -77,6 +77,8 @@ class TokenRouter(nn.Module):
     from the denoising loss which tokens matter. The parameters are the same either way.
     """
 
+    per_sample_modules = ("count",)  # run once per sample, not per token (the FLOPs counter)
+
     def __init__(self, dim: int, hidden_ratio: int = 16, bias_init: float = 35.0, center: bool = False,
                  count_dim: int | None = None):
         super().__init__()
@@ -128,6 +130,8 @@ class TextAwareTokenRouter(nn.Module):
     tokens. Centred, the text term cancels from the decision (which tokens run is decided by each token's
     modulated features, how many by ``b``). Same parameters either way.
     """
+
+    per_sample_modules = ("linear_t",)  # run once per sample on temb, not per token (the FLOPs counter)
 
     def __init__(self, dim: int, cond_dim: int, bias_init: float = 5.0, center: bool = False):
         super().__init__()
