@@ -44,5 +44,5 @@ dydit eval $A/mfmnist_latte --num-samples $N --steps $STEPS --cfg-scale 4 --batc
 dydit demo $V --steps $STEPS --cfg-scale 4 --per-class 2 --repeats 1 --out docs/results/video_demo
 
 # 5. B2 on video, on a quiet machine: random-weight Latte-B/2, 16 frames at 256² (32×32×4 latents)
-dydit bench engine --models Latte-B/2 --targets 0.5 --schedules 50 --batches 1 --timed-steps 5 \
+dydit bench engine --models Latte-B/2 --targets 0.5 --schedules 50 --batches 1 --timed-steps 3 \
   --out docs/results/bench_engine_latte
