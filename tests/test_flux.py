@@ -498,3 +498,6 @@ def test_centred_text_aware_token_routers_route_per_token_and_save(tmp_path):
     back = dydit.load(tmp_path / "m")
     assert back.dynamic_config.token_center and back.transformer_blocks[0].token_selection.center
     assert rel_err(run(back, kw, DynamicContext("fast")), fast) < 1e-6
+    (tmp_path / "m" / "dydit_dynamic.json").write_text("{broken")
+    with pytest.raises(ValueError, match="dydit_dynamic.json: not a dydit dynamic config"):
+        dydit.load(tmp_path / "m")

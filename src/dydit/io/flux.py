@@ -21,6 +21,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 
 from dydit.dynamic.convert import ROUTER_NAMES
+from dydit.dynamic.engine import DYNAMIC_CONFIG_NAME
 from dydit.io.checkpoints import load_state_dict_strict
 from dydit.io.loaders import register_file_loader, register_folder_loader
 from dydit.io.official import read_safetensors_file
@@ -146,11 +147,15 @@ def _build(state: dict, cfg: dict, path):
         raise ValueError(f"{path}: the checkpoint has {ckpt} but the config describes {conf}; "
                          "pass the config of the model this checkpoint was fine-tuned from")
     layout = dynamic_layout(state, model.config.num_attention_heads)
-    saved = Path(path) / "dydit_dynamic.json" if Path(path).is_dir() else None
+    saved = Path(path) / DYNAMIC_CONFIG_NAME if Path(path).is_dir() else None
     if layout is not None and saved is not None and saved.exists():  # what the router keys cannot say
         from dydit.dynamic import DynamicConfig
 
-        recorded = DynamicConfig.from_dict(json.loads(saved.read_text()))
+        try:
+            recorded = DynamicConfig.from_dict(json.loads(saved.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{saved}: not a dydit dynamic config ({e}); the file is damaged, save the model again "
+                             "or delete the file to load the authors' layout") from None
         for key in ("width", "tokens", "always_on", "optional_units"):
             if getattr(recorded, key) != getattr(layout, key):
                 raise ValueError(f"{saved}: {key}={getattr(recorded, key)!r} but the weights' router tensors say "
