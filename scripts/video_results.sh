@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Benchmark B4 (docs: BENCHMARKS.md; issue 17): the Moving Fashion-MNIST Latte base, DyLatte at λ = 0.7 and
 # 0.5, their video metrics, the video B3 table and plot, the side-by-side GIFs, and B2 on Latte-B/2.
-# Session 25 (2026-12-04, 2-core CPU, no GPU) ran step 1 at a reduced size (BASE_STEPS=1500, bf16, 53 min at
-# 1 thread beside another job): the base does not yet draw one coherent moving item (samples are scattered
-# patches; `python3 scripts/latte_locality.py runs/mfmnist-latte/checkpoint.pt`, docs/RESULTS.md "Video"), so
-# steps 2-5 were not run. The defaults below are the sizes that fit one session; the full run
-# (BASE_STEPS=3000 or more, N=1000, STEPS=25) costs ~11.5 CPU-h (estimate from timed smoke runs) and likely needs
-# more base steps than that: a GPU.
+# Session 25 (2026-12-04, 2-core CPU, no GPU) trained an ε-prediction base (`--model Latte-MFMNIST`, 1,500 steps):
+# it did not learn where the one item is (samples are scattered patches; docs/RESULTS.md "Video"). Session 26
+# trains the same network by flow matching (`Latte-MFMNIST-Flow`, Euler sampling), which weighs the high-noise
+# steps that decide placement; its models are the shipped ones. The defaults below are the sizes that fit one
+# session on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=src/dydit/assets
@@ -20,9 +19,9 @@ VFT="--steps $FT_STEPS --ckpt-every 25 --set optim.batch_size=32 --set feedback.
 # 1. The static Latte-MFMNIST base (8 frames of 32×32, 64 tokens per frame), on Moving Fashion-MNIST made
 #    on the fly from the Fashion-MNIST training items. The LR is constant after warm-up, so `--steps N`
 #    reproduces any prefix of the run.
-dydit train --model Latte-MFMNIST --out runs/mfmnist-latte --steps $BASE_STEPS --batch-size 32 --lr 3e-4 \
+dydit train --model Latte-MFMNIST-Flow --out runs/mfmnist-latte-flow --steps $BASE_STEPS --batch-size 32 --lr 3e-4 \
   --warmup-steps 100 --ema-decay 0.995 --ckpt-every 250 --sample-every 500 --seed 0 --bf16
-rm -rf $A/mfmnist_latte && cp -r runs/mfmnist-latte/ema $A/mfmnist_latte
+rm -rf $A/mfmnist_latte && cp -r runs/mfmnist-latte-flow/ema $A/mfmnist_latte
 
 # 2. DyLatte at λ = 0.7 and 0.5: the recipes of the shipped image DyDiTs (dydit recipes, width only), 15% of the
 #    base's steps each.
@@ -38,7 +37,7 @@ dydit bench compare $V --num-samples $N --steps $STEPS --cfg-scale 4 --batch-siz
   --out docs/results/b3_video --resume
 # the static base's videos for users' own FVD (I3D weights cannot be had offline)
 dydit eval $A/mfmnist_latte --num-samples $N --steps $STEPS --cfg-scale 4 --batch-size 50 \
-  --save-npz runs/mfmnist-latte/videos_$N.npz
+  --save-npz runs/mfmnist-latte-flow/videos_$N.npz
 
 # 4. GIFs: each model, and all three side by side (one row per class)
 dydit demo $V --steps $STEPS --cfg-scale 4 --per-class 2 --repeats 1 --out docs/results/video_demo
