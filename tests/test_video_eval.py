@@ -141,6 +141,22 @@ def test_demo_shows_static_and_dylatte_side_by_side(video_models, tmp_path, one_
     assert r.exit_code != 0 and "FLOPs target" in r.output
 
 
+def test_demo_samples_flow_matching_video_models_with_euler(tmp_path, one_thread):
+    # the B4 base is a flow-matching Latte (Latte-MFMNIST-Flow): the demo samples each model with its own sampler
+    flow = randomize(build_model("Latte-MFMNIST-Flow", input_size=16, hidden_size=32, depth=2, num_heads=2,
+                                 num_frames=3), seed=0, scale=0.1)
+    dydit.save(flow, tmp_path / "static")
+    dydit.save(scramble_routers(dynamize(flow)), tmp_path / "dynamic")
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--video", f"static={tmp_path / 'static'}", "--video",
+                                 f"0.5={tmp_path / 'dynamic'}", "--steps", "2", "--per-class", "1",
+                                 "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Euler 2 steps" in r.output and "DDIM" not in r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[1]["flops_ratio"] < 1.0 and (out / "side_by_side.gif").exists()
+
+
 def test_plan_report_on_a_video_model_maps_token_masks_to_frames(video_models, tmp_path, one_thread):
     from dydit.dynamic.token_report import frames_as_images
 

@@ -331,7 +331,7 @@ def _video_demo(models: dict, out_dir: Path, steps: int, cfg_scale: float, per_c
     from dydit.dynamic import DynamicContext
     from dydit.dynamic.flops import flops_spec
     from dydit.dynamic.report import summarize
-    from dydit.sampling import sample
+    from dydit.sampling import default_sampler, sample
     from dydit.viz import save_gif, to_uint8_images, video_grid_frames
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,11 +344,13 @@ def _video_demo(models: dict, out_dir: Path, steps: int, cfg_scale: float, per_c
 
     def run(model):
         ctx = DynamicContext("fast", record_usage=True) if getattr(model, "dynamic_config", None) is not None else None
-        return sample(model, labels, "ddim", steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx), ctx
+        return sample(model, labels, default_sampler(model), steps, cfg_scale=cfg_scale, seed=seed, dyn=ctx), ctx
 
+    samplers = sorted({default_sampler(m).upper() if default_sampler(m) == "ddim" else default_sampler(m).capitalize()
+                       for m in loaded.values()})
     seconds = _time_interleaved({name: (lambda m=m: run(m)) for name, m in loaded.items()}, repeats)
     first = next(iter(loaded))
-    table = Table(title=f"Moving Fashion-MNIST videos, DDIM {steps} steps, CFG {cfg_scale}, {len(labels)} videos, "
+    table = Table(title=f"Moving Fashion-MNIST videos, {'/'.join(samplers)} {steps} steps, CFG {cfg_scale}, {len(labels)} videos, "
                         f"{torch.get_num_threads()} CPU threads")
     for col in ("model", "FLOPs ratio", "GMACs/video", "s/video", "speedup", "GIF"):
         table.add_column(col)
