@@ -207,6 +207,22 @@ done
 dydit eval $A/fmnist_dit --adapters runs/tdlora-0.7-adaln/cal --num-samples 5000 --steps 20 --cfg-scale 4.0 \
   --batch-size 64 --json docs/results/eval_tdlora-0.7-adaln.json
 
+# 10b. (session 26) TD-LoRA at λ=0.7 on the shipped λ=0.5 recipe's schedule (fmnist-0.5 --target 0.7: width only,
+#      router LR 1e-2, 30-step ramp, routers frozen for the second half so the adapters train on the plan that
+#      ships), with step 10's adapter settings; beside it the full fine-tune on the same recipe. The fine-tune's own
+#      final calibration (width thresholds) applies to the adapters.
+LW="--recipe fmnist-0.5 --target 0.7 --ckpt-every 100"
+dydit finetune $A/fmnist_dit --out runs/tdlora-0.7-w $LW --peft td-lora --set peft.experts=2 \
+  --set peft.targets=attn.qkv,attn.proj,mlp.fc1,mlp.fc2,adaLN_modulation.1 --set peft.rank=2 --set optim.lr=1e-3 \
+  --set feedback.gain=0.5
+dydit finetune $A/fmnist_dit --out runs/full-0.7-w $LW
+dydit eval $A/fmnist_dit --adapters runs/tdlora-0.7-w/adapters --num-samples 1000 --steps 20 --cfg-scale 4.0 \
+  --batch-size 64 --json docs/results/eval_tdlora-0.7-w_1000.json
+dydit eval runs/full-0.7-w/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+  --json docs/results/eval_full-0.7-w_1000.json
+dydit eval $A/fmnist_dit --adapters runs/tdlora-0.7-w/adapters --num-samples 5000 --steps 20 --cfg-scale 4.0 \
+  --batch-size 64 --json docs/results/eval_tdlora-0.7-w.json
+
 # 11. One fine-tune, several budgets: the shipped λ=0.5 model calibrated at inference to 0.7, 0.6 and 0.4
 #     (width thresholds: it is width-only), 1,000-sample screens, beside the shipped λ=0.7 fine-tune.
 for lp in 0.7 0.6 0.4; do
