@@ -21,7 +21,7 @@ VFT="--recipe fmnist-0.5 --steps $FT_STEPS --ckpt-every 25 --set optim.batch_siz
 
 # 1. The static Latte-MFMNIST base (8 frames of 32×32, 64 tokens per frame), on Moving Fashion-MNIST made
 #    on the fly from the Fashion-MNIST training items. The LR is constant after warm-up, so `--steps N`
-#    reproduces any prefix of the run (session 26 ran 1,500 steps, then `--steps 2500 --resume`).
+#    reproduces any prefix of the run (session 26 ran 1,500 steps, then `--steps 2500 --resume --resume-with-changes`: the step count is the only change).
 dydit train --model Latte-MFMNIST-Flow --out runs/mfmnist-latte-flow --steps $BASE_STEPS --batch-size 32 --lr 3e-4 \
   --warmup-steps 100 --ema-decay 0.995 --ckpt-every 250 --sample-every 250 --seed 0 --bf16
 rm -rf $A/mfmnist_latte && cp -r runs/mfmnist-latte-flow/ema $A/mfmnist_latte
