@@ -185,12 +185,25 @@ dydit eval runs/t3-center-count/ema --num-samples 1000 --steps 20 --cfg-scale 4.
 dydit train --model SiT-FMNIST --out runs/fmnist-sit-base --steps 2000 --batch-size 128 --lr 4e-4 \
   --warmup-steps 100 --ema-decay 0.995 --ckpt-every 200 --sample-every 500 --seed 0 --bf16
 rm -rf $A/fmnist_sit && cp -r runs/fmnist-sit-base/ema $A/fmnist_sit
-dydit finetune $A/fmnist_sit --out runs/fmnist-dysit-0.5 --recipe fmnist-0.5 --ckpt-every 100
+# (session 26) the shipped DyDiT-SiT: the λ=0.5 recipe with the timestep embedder frozen with the routers, the plan
+# calibrated to λ at the freeze, and an output-distillation loss toward the static SiT (docs/RESULTS.md "DyDiT-SiT:
+# the plan that ships"); 9b below screens the steps to it.
+dydit finetune $A/fmnist_sit --out runs/fmnist-dysit-0.5 --recipe fmnist-0.5 --set freeze.time_embed=true \
+  --set freeze.calibrate=true --set distill.weight=1.0 --ckpt-every 100
 rm -rf $A/fmnist_dysit_0.5 && cp -r runs/fmnist-dysit-0.5/ema $A/fmnist_dysit_0.5
 dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
   --row "SiT static=$A/fmnist_sit" --row "DyDiT-SiT λ 0.5=$A/fmnist_dysit_0.5" \
   --row "SiT static, 12 steps=$A/fmnist_sit,steps=12" --row "SiT FBCache rdt 0.1=$A/fmnist_sit,fbcache=0.1" \
   --out docs/results/b3_sit
+
+# 9b. (session 26) DyDiT-SiT screens at 1,000 samples: session 24's recipe (fmnist-0.5 alone, shipped until then),
+#     s1 = + the frozen timestep embedder and calibration at the freeze, s2 = s1 + distillation (shipped above).
+dydit finetune $A/fmnist_sit --out runs/dysit-s1 --recipe fmnist-0.5 --set freeze.time_embed=true \
+  --set freeze.calibrate=true --ckpt-every 100
+for r in dysit-s1 fmnist-dysit-0.5; do
+  dydit eval runs/$r/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_${r}_1000.json
+done
 
 # 10. TD-LoRA and plain LoRA at λ=0.7 on the λ=0.7 recipe, adapting adaLN's modulation too (rank 2; TD-LoRA
 #     2 experts), LR 1e-3, the feedback correction damped by half; calibrated on the width thresholds to 0.70

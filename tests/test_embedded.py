@@ -84,3 +84,7 @@ def test_demo_shows_dit_and_sit_families_each_against_its_own_static(tmp_path):
     assert rows["DyDiT-SiT λ=0.5"]["flops_ratio"] < 0.9  # 2 steps: the plan at two timesteps, not the mean
     for row in rows.values():
         assert (out / Path(row["grid"]).name).exists()
+    # the shipped Moving Fashion-MNIST Latte and DyLattes, side by side (one video per class)
+    videos = json.loads((out / "video" / "summary.json").read_text())
+    assert [v["model"] for v in videos] == ["static", "DyLatte λ=0.7", "DyLatte λ=0.5"]
+    assert (out / "video" / "side_by_side.gif").exists()
