@@ -193,7 +193,7 @@ dydit finetune $A/fmnist_sit --out runs/fmnist-dysit-0.5 --recipe fmnist-0.5 --s
 rm -rf $A/fmnist_dysit_0.5 && cp -r runs/fmnist-dysit-0.5/ema $A/fmnist_dysit_0.5
 dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
   --row "SiT static=$A/fmnist_sit" --row "DyDiT-SiT λ 0.5=$A/fmnist_dysit_0.5" \
-  --row "SiT static, 12 steps=$A/fmnist_sit,steps=12" --row "SiT FBCache rdt 0.1=$A/fmnist_sit,fbcache=0.1" \
+  --row "SiT static 12 steps=$A/fmnist_sit,steps=12" --row "SiT FBCache rdt 0.1=$A/fmnist_sit,fbcache=0.1" \
   --out docs/results/b3_sit
 
 # 9b. (session 26) DyDiT-SiT screens at 1,000 samples: session 24's recipe (fmnist-0.5 alone, shipped until then),

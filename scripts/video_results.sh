@@ -37,8 +37,11 @@ rm -rf $A/mfmnist_dylatte_0.5 && cp -r runs/mfmnist-dylatte-0.5/ema $A/mfmnist_d
 # 3. The video B3 table and plot (static, DyLatte 0.7 / 0.5, fewer steps, FBCache, DyLatte 0.5 + FBCache):
 #    per-frame FID and accuracy, consistency, motion error, GMACs and s per video. --resume keeps scored rows.
 V="--video static=$A/mfmnist_latte --video 0.7=$A/mfmnist_dylatte_0.7 --video 0.5=$A/mfmnist_dylatte_0.5"
+#    Session 26 scored the rows in two 1-thread passes (`--no-defaults --row ... --timing-repeats 0`, same settings,
+#    their .rows.jsonl concatenated into docs/results/b3_video.rows.jsonl), then ran this command on the quiet
+#    machine: every row kept, one interleaved timing round after a warm-up round.
 dydit bench compare $V --num-samples $N --steps $STEPS --cfg-scale 4 --batch-size 50 --seed 0 \
-  --out docs/results/b3_video --resume
+  --out docs/results/b3_video --resume --timing-repeats 1
 # the static base's videos for users' own FVD (I3D weights cannot be had offline)
 dydit eval $A/mfmnist_latte --num-samples $N --steps $STEPS --cfg-scale 4 --batch-size 50 \
   --save-npz runs/mfmnist-latte-flow/videos_$N.npz
