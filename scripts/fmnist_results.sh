@@ -191,6 +191,7 @@ rm -rf $A/fmnist_sit && cp -r runs/fmnist-sit-base/ema $A/fmnist_sit
 dydit finetune $A/fmnist_sit --out runs/fmnist-dysit-0.5 --recipe fmnist-0.5 --set freeze.time_embed=true \
   --set freeze.calibrate=true --set distill.weight=1.0 --ckpt-every 100
 rm -rf $A/fmnist_dysit_0.5 && cp -r runs/fmnist-dysit-0.5/ema $A/fmnist_dysit_0.5
+dydit plan $A/fmnist_dysit_0.5 --out docs/results/plan_sit_0.5
 dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
   --row "SiT static=$A/fmnist_sit" --row "DyDiT-SiT λ 0.5=$A/fmnist_dysit_0.5" \
   --row "SiT static 12 steps=$A/fmnist_sit,steps=12" --row "SiT FBCache rdt 0.1=$A/fmnist_sit,fbcache=0.1" \
