@@ -283,3 +283,31 @@ def test_calibration_at_the_freeze_sets_the_plan_the_backbone_then_trains_on():
     assert all(torch.equal(a, b) for a, b in zip(shifted, router_parameters(model)))
     with pytest.raises(ValueError, match="freeze_routers"):
         FinetuneTask(model, FinetuneConfig(calibrate_at_freeze=True))
+
+
+def test_ema_restart_at_the_freeze_makes_the_ema_the_live_backbone_once():
+    import copy
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded().train()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)  # the EMA lags the live weights
+    cfg = FinetuneConfig(target=0.5, total_steps=10, ramp_steps=2, warmup_steps=0, freeze_routers=0.4,
+                         ema_restart=True, feedback_every=0)
+    task = FinetuneTask(model, cfg)
+    logs = {}
+    task.after_step(5, model, ema, logs)  # before the freeze: the EMA is left alone
+    assert "ema_restart" not in logs
+    assert not torch.equal(ema.final_layer.linear.weight, model.final_layer.linear.weight)
+    task.after_step(6, model, ema, logs)  # the freeze: the EMA restarts from the live weights
+    assert logs["ema_restart"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()) if b.requires_grad)
+    with torch.no_grad():
+        model.final_layer.linear.weight.add_(1.0)
+    task.after_step(7, model, ema, {})  # once only
+    assert not torch.equal(ema.final_layer.linear.weight, model.final_layer.linear.weight)
+    with pytest.raises(ValueError, match="freeze_routers"):
+        FinetuneTask(model, FinetuneConfig(ema_restart=True))

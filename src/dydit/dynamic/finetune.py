@@ -50,6 +50,7 @@ class FinetuneConfig:
     freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
     freeze_time_embed: bool = False  # with freeze_routers: fix the timestep embedder too (live and EMA), the width routers' input
     calibrate_at_freeze: bool = False  # with freeze_routers: calibrate the plan to λ at the freeze, so the backbone trains on it
+    ema_restart: bool = False  # with freeze_routers: the EMA restarts from the live weights at the freeze
     calib_images: int = 100  # images per calibration measurement (calibrate_at_freeze)
     distill: float = 0.0  # weight of ‖f_dynamic − f_static‖², output distillation from the frozen static model
     data_weight: float = 1.0  # weight of the backbone's own diffusion or flow loss
@@ -83,6 +84,8 @@ class FinetuneTask:
             raise ValueError("freeze_time_embed fixes the plan together with freeze_routers: set freeze_routers > 0")
         if cfg.calibrate_at_freeze and cfg.freeze_routers <= 0:
             raise ValueError("calibrate_at_freeze calibrates the plan that freeze_routers fixes: set freeze_routers > 0")
+        if cfg.ema_restart and cfg.freeze_routers <= 0:
+            raise ValueError("ema_restart restarts the EMA when freeze_routers fixes the plan: set freeze_routers > 0")
         if cfg.flops_balance and not cfg.stratified:
             raise ValueError("flops_balance needs stratified timesteps (the quarters are the batch's strata)")
         if not 0.0 <= cfg.flops_balance <= 1.0:
@@ -236,6 +239,11 @@ class FinetuneTask:
                 for live, averaged in zip(_router_input_modules(inner), _router_input_modules(ema)):
                     averaged.load_state_dict(full_state_dict(live))
             group["lr_scale"] = 0.0
+        if self.cfg.ema_restart and step == self.freeze_step():
+            from dydit.train import update_ema
+
+            update_ema(ema, model, 0.0)  # decay 0: the EMA becomes the live backbone (FSDP: gathered)
+            logs.update(ema_restart=1.0)
         if self.cfg.calibrate_at_freeze and step == self.freeze_step():
             self.calibrate_plan(model, ema, logs)
         every = self.cfg.feedback_every
@@ -352,7 +360,7 @@ def finetune_config(recipe) -> FinetuneConfig:
         noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
         feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
         feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
-        freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate,
+        freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate, ema_restart=r.freeze.ema_restart,
         calib_images=r.calibration.images, distill=r.distill.weight, data_weight=r.distill.data_weight)
     if r.prune_static:
         cfg.warmup_steps, cfg.flops_weight, cfg.ramp_steps, cfg.feedback_every = 0, 0.0, 0, 0

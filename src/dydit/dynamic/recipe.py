@@ -119,6 +119,8 @@ class Freeze:
                                    "plan cannot drift while frozen")
     calibrate: bool = _opt(False, "with routers > 0: calibrate the plan to λ at the freeze (as the final "
                                   "calibration does), so the backbone trains on the plan that ships")
+    ema_restart: bool = _opt(False, "with routers > 0: restart the backbone's EMA from the live weights at the "
+                                    "freeze, so the model that ships averages only steps trained on its own plan")
 
 
 @dataclass
@@ -273,6 +275,8 @@ class Recipe:
                                                  "set freeze.routers > 0")
         need(not fr.calibrate or fr.routers > 0, "freeze.calibrate calibrates the plan that freeze.routers fixes: "
                                                 "set freeze.routers > 0")
+        need(not fr.ema_restart or fr.routers > 0, "freeze.ema_restart restarts the EMA when freeze.routers fixes the "
+                                                  "plan: set freeze.routers > 0")
         need(self.calibration.images >= 1 and self.calibration.tol > 0,
              "calibration.images must be ≥ 1 and calibration.tol > 0")
         d = self.distill
