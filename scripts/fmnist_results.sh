@@ -246,3 +246,25 @@ for lp in 0.7 0.6 0.4; do
 done
 dydit eval $A/fmnist_dydit_0.7 --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
   --json docs/results/eval_dydit07_1000.json
+
+# 12. (session 27) TDW + SDT at λ = 0.5 (issue 16): centred token routers on the shipped λ=0.5 recipe with the
+#     session-26 options that made DyDiT-SiT hold ($FZ: the timestep embedder frozen with the plan, the plan
+#     calibrated to λ at the freeze, distillation toward the static init), then the EMA restarted at the freeze
+#     (freeze.ema_restart, new). 1,000-sample screens, plans over 64 images; TDW-only twins with the same options.
+TC="--recipe fmnist-0.5 --set routing.tokens=true --set routing.token_center=true --ckpt-every 100"
+FZ="--set freeze.time_embed=true --set freeze.calibrate=true --set distill.weight=1.0"
+dydit finetune $A/fmnist_dit --out runs/u1-center-count-fzd $TC $FZ --set routing.token_count=true
+dydit finetune $A/fmnist_dit --out runs/u2-center-fzd $TC $FZ
+dydit finetune $A/fmnist_dit --out runs/u2s2-center-fzd $TC $FZ --seed 2
+dydit finetune $A/fmnist_dit --out runs/w1-tdw-fzd --recipe fmnist-0.5 --ckpt-every 100 $FZ
+dydit finetune $A/fmnist_dit --out runs/v1-center-fzdr $TC $FZ --set freeze.ema_restart=true
+dydit finetune $A/fmnist_dit --out runs/v2-center-fzdr-tb4 $TC $FZ --set freeze.ema_restart=true \
+  --set router_init.token_bias=4
+dydit finetune $A/fmnist_dit --out runs/v1s2-center-fzdr $TC $FZ --set freeze.ema_restart=true --seed 2
+dydit finetune $A/fmnist_dit --out runs/w2-tdw-fzdr --recipe fmnist-0.5 --ckpt-every 100 $FZ --set freeze.ema_restart=true
+for r in u1-center-count-fzd u2-center-fzd u2s2-center-fzd w1-tdw-fzd v1-center-fzdr v2-center-fzdr-tb4 \
+    v1s2-center-fzdr w2-tdw-fzdr; do
+  dydit eval runs/$r/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_${r}_1000.json
+  dydit plan runs/$r/ema --steps 20 --num-images 64 --out runs/plans/$r
+done

@@ -444,12 +444,26 @@ def _fmnist_05() -> Recipe:
                   freeze=Freeze(routers=0.5))
 
 
+def _fmnist_05_sdt() -> Recipe:
+    # scripts/fmnist_results.sh step 12 (session 27): fmnist-0.5 with centred token routers on (TDW + SDT), the
+    # timestep embedder frozen with the plan, the plan calibrated to λ at the freeze, the EMA restarted there, and
+    # output distillation toward the static init
+    r = _fmnist_05()
+    r.routing.tokens, r.routing.token_center = True, True
+    r.freeze.time_embed, r.freeze.calibrate, r.freeze.ema_restart = True, True, True
+    r.distill.weight = 1.0
+    return r
+
+
 RECIPES = {
     "default": ("what `dydit finetune` runs without --recipe", _default),
     "paper": ("the authors' DiT-XL/2 λ=0.5 settings (200k steps at batch 256; router bias 15/35)", _paper),
     "fmnist-0.7": ("the shipped Fashion-MNIST λ=0.7 model (src/dydit/assets/fmnist_dydit_0.7)", _fmnist_07),
     "fmnist-0.5": ("the shipped Fashion-MNIST λ=0.5 model, session-11 e17 (src/dydit/assets/fmnist_dydit_0.5)",
                    _fmnist_05),
+    "fmnist-0.5-sdt": ("fmnist-0.5 with centred token routers (TDW + SDT), the plan and timestep embedder frozen and "
+                       "calibrated for the second half, the EMA restarted there, distillation from the static init",
+                       _fmnist_05_sdt),
 }
 
 
