@@ -268,3 +268,18 @@ for r in u1-center-count-fzd u2-center-fzd u2s2-center-fzd w1-tdw-fzd v1-center-
     --json docs/results/eval_${r}_1000.json
   dydit plan runs/$r/ema --steps 20 --num-images 64 --out runs/plans/$r
 done
+# 12b. The B3 ablation pass at λ = 0.5, every row with the step-12 options ($FZ + freeze.ema_restart, recipe
+#      fmnist-0.5-sdt): TDW + SDT (v1, two seeds), TDW only (w2), SDT only, whole-block skip; beside the static model
+#      and the shipped width-only λ=0.5. Quality rows were scored two at a time (--timing-repeats 0 into runs/abl_*,
+#      the .rows.jsonl concatenated), then this command (--resume) times every row in one interleaved pass.
+dydit finetune $A/fmnist_dit --out runs/x1-sdt-only --recipe fmnist-0.5-sdt --set routing.width=false --ckpt-every 100
+dydit finetune $A/fmnist_dit --out runs/x2-blockskip --recipe fmnist-0.5-sdt --set routing.block_skip=true \
+  --set routing.width=false --set routing.tokens=false --ckpt-every 100
+ABL=($R "static=$A/fmnist_dit" $R "shipped λ 0.5 (TDW only; fmnist-0.5)=$A/fmnist_dydit_0.5"
+  $R "TDW+SDT λ 0.5 seed 1=runs/v1-center-fzdr/ema" $R "TDW+SDT λ 0.5 seed 2=runs/v1s2-center-fzdr/ema"
+  $R "TDW only λ 0.5=runs/w2-tdw-fzdr/ema" $R "SDT only λ 0.5=runs/x1-sdt-only/ema"
+  $R "block skip λ 0.5=runs/x2-blockskip/ema")
+cat docs/results/b3_embedded.rows.jsonl > docs/results/b3_ablation.rows.jsonl
+dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
+  "${ABL[@]}" --out docs/results/b3_ablation
+dydit plan runs/v1-center-fzdr/ema --steps 20 --num-images 64 --out docs/results/plan_tdw_sdt_0.5
