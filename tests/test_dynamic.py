@@ -265,6 +265,39 @@ def test_gumbel_noise_zero_gives_the_eval_masks_and_the_anneal_reaches_zero():
     assert task.noise_at(50) == 1.0
 
 
+def test_token_noise_zero_trains_on_the_eval_token_masks_while_the_width_routers_stay_noisy():
+    """routing.token_noise=0: the backbone never trains under random token dropout (the token masks in training
+    are the inference ones), the width routers still explore, and the recipe reaches the training context."""
+    from dydit.dynamic.finetune import finetune_config
+    from dydit.dynamic.recipe import resolve_recipe
+
+    torch.manual_seed(0)
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")), DynamicConfig(token_center=True)))
+    for blk in model.blocks:  # token logits near the threshold (|logit| ~ 1), so gumbel noise flips many
+        blk.token_selection.mlp_head[2].weight.data.mul_(0.01)
+        blk.token_selection.mlp_head[2].bias.data.fill_(0.0)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0.0, 300.0, 600.0, 999.0]), torch.arange(4)
+
+    def masks(ctx):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            model.train()(x, t, y, dyn=ctx)
+        return [m for _, _, m in ctx.token_masks], ctx.records
+
+    ref, _ = masks(DynamicContext("masked", record_tokens=True))
+    det, det_rec = masks(DynamicContext("train", tau=5.0, noise=1.0, token_noise=0.0, record_tokens=True))
+    noisy, noisy_rec = masks(DynamicContext("train", tau=5.0, noise=1.0, record_tokens=True))
+    assert all(torch.equal(a, b) for a, b in zip(det, ref))
+    assert not all(torch.equal(a, b) for a, b in zip(noisy, ref))
+    ratio = lambda recs: dynamic_ratio(flops_spec(model), recs)
+    static_width = DynamicContext("masked")
+    assert not torch.equal(ratio(det_rec), ratio(masks(static_width)[1]))  # width masks still drawn with noise
+    cfg = finetune_config(resolve_recipe("fmnist-0.5-sdt", ["routing.token_noise=0"]))
+    assert cfg.token_noise == 0.0 and finetune_config(resolve_recipe("fmnist-0.5-sdt")).token_noise == 1.0
+    with pytest.raises(ValueError, match="routing.token_noise"):
+        resolve_recipe(None, ["routing.token_noise=-1"])
+
+
 def test_finetune_cli_writes_live_routers_and_averaged_backbone(tmp_path):
     # thresholded routers must not be EMA-averaged: that shifted the realised FLOPs ratio by 0.1
     from typer.testing import CliRunner

@@ -110,12 +110,14 @@ class ModelBinding:
 class DynamicContext:
     def __init__(self, mode: str = "auto", tau: float | None = None, plan: WidthPlan | None = None,
                  weights: SlicedWeights | None = None, record_usage: bool = False, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 noise: float = 1.0, record_tokens: bool = False, compile=False):
+                 noise: float = 1.0, record_tokens: bool = False, compile=False, token_noise: float | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown dynamic mode {mode!r}; choose from {MODES}")
         self.mode = mode
         self.tau = tau
         self.noise = noise  # gumbel-noise scale of the train-mode masks (annealed to 0 by fine-tuning)
+        # the token routers' own scale (None: the same as the width routers'; 0: deterministic token masks)
+        self.token_noise = noise if token_noise is None else token_noise
         self._given_plan = plan
         self.weights = weights if weights is not None else SlicedWeights(max_cache_bytes)
         self.record_usage = record_usage
@@ -137,7 +139,8 @@ class DynamicContext:
 
     def __deepcopy__(self, memo):  # a copied model gets a fresh context, not this one's caches
         return DynamicContext(self.mode, self.tau, None, type(self.weights)(self.weights.cache.max_bytes),
-                              self.record_usage, noise=self.noise, compile=self.compile or False)
+                              self.record_usage, noise=self.noise, compile=self.compile or False,
+                              token_noise=self.token_noise)
 
     @property
     def plan(self) -> WidthPlan:

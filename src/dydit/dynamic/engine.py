@@ -177,7 +177,7 @@ class BlockRun:
         update = update_fn(x, _pick_rows)
         if router is not None:
             mask = router(x, *route, tau=self.ctx.tau, training=self.ctx.current_mode == "train",
-                          noise=self.ctx.noise)  # (B·repeat, N)
+                          noise=self.ctx.token_noise)  # (B·repeat, N)
             update = update * mask.unsqueeze(-1).to(update.dtype)
             self.token_mask = mask.reshape(x.shape[0] // repeat, -1)
             self.ctx.record_token_mask(self.index, self.token_mask > 0.5)

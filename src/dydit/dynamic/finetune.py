@@ -39,6 +39,7 @@ class FinetuneConfig:
     tokens: bool = True  # SDT (ablation: off = TDW only)
     block_skip: bool = False  # ablation: per-block timestep gates that skip whole blocks
     reorder: bool = True  # rank heads/channels by weight magnitude before fine-tuning
+    token_noise: float = 1.0  # token routers' gumbel-noise scale relative to the width routers' (0: deterministic)
     noise_anneal: float = 0.3  # gumbel noise decays linearly to 0 over this final share of the steps
     total_steps: int | None = None  # length of the run (set by finetune(); needed for the noise anneal)
     feedback_every: int = 25  # after the ramp, every N steps: measure the inference ratio, correct the target (0: off)
@@ -141,7 +142,8 @@ class FinetuneTask:
         noise = torch.randn(x.shape, generator=gen).to(x.device)
         frozen = self.frozen(step)
         # frozen plan: the eval masks (no gradient reaches the routers), the backbone adapts to them
-        ctx = DynamicContext("masked") if frozen else DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step))
+        ctx = DynamicContext("masked") if frozen else DynamicContext("train", tau=self.cfg.tau, noise=self.noise_at(step),
+                                                                       token_noise=self.noise_at(step) * self.cfg.token_noise)
         if self.text is not None:
             return self._text_loss(model, x, y, t, noise, ctx, step, frozen)
         seen, drop = {}, None
@@ -357,7 +359,7 @@ def finetune_config(recipe) -> FinetuneConfig:
         target=r.target, flops_weight=r.flops.weight, flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
         warmup_steps=r.warmup.steps, router_lr=r.optim.router_lr, tau=r.routing.tau, stratified=r.flops.stratified,
         width=r.routing.width, tokens=r.routing.tokens, block_skip=r.routing.block_skip, reorder=r.router_init.reorder,
-        noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
+        token_noise=r.routing.token_noise, noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
         feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
         feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
         freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate, ema_restart=r.freeze.ema_restart,

@@ -79,6 +79,9 @@ class Routing:
     token_count: bool = _opt(False, "DiT/SiT: the token routers add a per-sample term on the block conditioning "
                                     "(timestep + class), so how many tokens run can vary with the step")
     tau: float = _opt(5.0, "gumbel-sigmoid temperature")
+    token_noise: float = _opt(1.0, "scale of the token routers' gumbel noise relative to the width routers' (0: "
+                                   "deterministic token masks in training, so the backbone never trains under random "
+                                   "token dropout; the token routers still learn through the soft sigmoid)")
     noise_anneal: float = _opt(0.3, "gumbel noise decays to 0 over this final share of the router-training steps, so "
                                     "the trained masks are the ones inference uses (0: noise to the end)")
 
@@ -257,6 +260,7 @@ class Recipe:
         need(f.weight >= 0 and f.ramp_steps >= 0 and self.warmup.steps >= 0,
              "flops.weight, flops.ramp_steps and warmup.steps must be ≥ 0")
         need(0.0 <= r.noise_anneal <= 1.0, f"routing.noise_anneal is a share in [0, 1], got {r.noise_anneal}")
+        need(r.token_noise >= 0.0, f"routing.token_noise is a scale >= 0, got {r.token_noise}")
         need(r.tau > 0, f"routing.tau must be > 0, got {r.tau}")
         need(self.prune_static or r.width or r.tokens or r.block_skip,
              "nothing to route: keep routing.width or routing.tokens, or set routing.block_skip=true")
