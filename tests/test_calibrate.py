@@ -285,6 +285,33 @@ def test_calibration_at_the_freeze_sets_the_plan_the_backbone_then_trains_on():
         FinetuneTask(model, FinetuneConfig(calibrate_at_freeze=True))
 
 
+def test_width_target_at_the_freeze_widens_the_plan_and_skips_tokens_for_the_rest():
+    """freeze.width_target: width thresholds to that ratio first, then the token thresholds to λ, so the frozen
+    plan is wider than the plain calibration's and skips more tokens, at the same realised ratio."""
+    import copy
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+
+    model = _dynamic_embedded().train()
+    ema = copy.deepcopy(model).eval()
+    before = measure_ratio(ema, **FAST)
+    target, wide = round(before - 0.05, 2), round(min(before + 0.15, 0.95), 2)
+    common = dict(target=target, total_steps=10, ramp_steps=2, warmup_steps=0, freeze_routers=0.4,
+                  calibrate_at_freeze=True, feedback_every=0, feedback_steps=FAST["steps"],
+                  calib_images=FAST["num_images"])
+    plain, split = {}, {}
+    FinetuneTask(model, FinetuneConfig(**common)).after_step(6, model, copy.deepcopy(ema), plain)
+    model = _dynamic_embedded().train()
+    FinetuneTask(model, FinetuneConfig(**common, width_target=wide)).after_step(6, model, ema, split)
+    assert abs(split["width_calibrated_ratio"] - wide) <= 0.01, split
+    assert split["width_calibration_shift"] > 0  # the widths grew ...
+    assert abs(split["calibrated_ratio"] - target) <= 0.01, split
+    assert split["calibration_shift"] < plain["calibration_shift"] < 0  # ... and the tokens pay for it
+    assert measure_ratio(ema, **FAST) == pytest.approx(split["calibrated_ratio"])
+    with pytest.raises(ValueError, match="calibrate_at_freeze"):
+        FinetuneTask(model, FinetuneConfig(freeze_routers=0.4, width_target=0.6))
+
+
 def test_ema_restart_at_the_freeze_makes_the_ema_the_live_backbone_once():
     import copy
 

@@ -51,6 +51,7 @@ class FinetuneConfig:
     freeze_routers: float = 0.0  # fix the plan for this final share of the steps: hard eval masks, routers unchanged
     freeze_time_embed: bool = False  # with freeze_routers: fix the timestep embedder too (live and EMA), the width routers' input
     calibrate_at_freeze: bool = False  # with freeze_routers: calibrate the plan to λ at the freeze, so the backbone trains on it
+    width_target: float | None = None  # with calibrate_at_freeze: width thresholds to this ratio, then tokens to λ
     ema_restart: bool = False  # with freeze_routers: the EMA restarts from the live weights at the freeze
     calib_images: int = 100  # images per calibration measurement (calibrate_at_freeze)
     distill: float = 0.0  # weight of ‖f_dynamic − f_static‖², output distillation from the frozen static model
@@ -85,6 +86,8 @@ class FinetuneTask:
             raise ValueError("freeze_time_embed fixes the plan together with freeze_routers: set freeze_routers > 0")
         if cfg.calibrate_at_freeze and cfg.freeze_routers <= 0:
             raise ValueError("calibrate_at_freeze calibrates the plan that freeze_routers fixes: set freeze_routers > 0")
+        if cfg.width_target is not None and not cfg.calibrate_at_freeze:
+            raise ValueError("width_target splits the calibration at the freeze: set calibrate_at_freeze")
         if cfg.ema_restart and cfg.freeze_routers <= 0:
             raise ValueError("ema_restart restarts the EMA when freeze_routers fixes the plan: set freeze_routers > 0")
         if cfg.flops_balance and not cfg.stratified:
@@ -275,7 +278,8 @@ class FinetuneTask:
         """At the freeze: shift the router thresholds until the plan realises λ on the inference sampler
         (``dydit calibrate`` on the EMA backbone with the live routers), in the live model and the EMA, so
         that the backbone's remaining steps train on the plan that ships, not on one that calibration
-        after training would move."""
+        after training would move. With ``width_target``: the width thresholds go to that ratio first,
+        then the token thresholds to λ, so the frozen plan skips tokens for (width_target − λ) of the budget."""
         import torch.distributed as dist
 
         from dydit.dynamic.calibrate import calibrate
@@ -285,9 +289,15 @@ class FinetuneTask:
         inner = getattr(model, "module", model)
         copy_routers(inner, ema)
         sampler = self.cfg.feedback_sampler or default_sampler(ema)
+        run = dict(sampler=sampler, steps=self.cfg.feedback_steps, cfg_scale=self.cfg.feedback_cfg,
+                   num_images=self.cfg.calib_images, context_factory=self.feedback_context)
         try:
-            result = calibrate(ema, self.cfg.target, sampler, self.cfg.feedback_steps, self.cfg.feedback_cfg,
-                               self.cfg.calib_images, context_factory=self.feedback_context)
+            if self.cfg.width_target is not None:
+                width = calibrate(ema, self.cfg.width_target, knob="width", **run)
+                logs.update(width_calibrated_ratio=width.ratio_after, width_calibration_shift=width.shift)
+                result = calibrate(ema, self.cfg.target, knob="tokens", **run)
+            else:
+                result = calibrate(ema, self.cfg.target, **run)
         except ValueError as e:  # λ out of the thresholds' reach: train on the plan as it is
             log.warning("calibration at the freeze skipped: %s", e)
             return
@@ -362,7 +372,8 @@ def finetune_config(recipe) -> FinetuneConfig:
         token_noise=r.routing.token_noise, noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
         feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
         feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
-        freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate, ema_restart=r.freeze.ema_restart,
+        freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate,
+        width_target=r.freeze.width_target, ema_restart=r.freeze.ema_restart,
         calib_images=r.calibration.images, distill=r.distill.weight, data_weight=r.distill.data_weight)
     if r.prune_static:
         cfg.warmup_steps, cfg.flops_weight, cfg.ramp_steps, cfg.feedback_every = 0, 0.0, 0, 0

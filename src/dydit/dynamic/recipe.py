@@ -122,6 +122,10 @@ class Freeze:
                                    "plan cannot drift while frozen")
     calibrate: bool = _opt(False, "with routers > 0: calibrate the plan to λ at the freeze (as the final "
                                   "calibration does), so the backbone trains on the plan that ships")
+    width_target: float | None = _opt(None, "with calibrate (TDW + SDT): at the freeze, calibrate the width thresholds "
+                                            "to this ratio first, then the token thresholds to λ, so token skipping "
+                                            "carries (width_target − λ) of the budget in the frozen plan (None: the "
+                                            "token thresholds alone, the split the joint FLOPs loss learnt)")
     ema_restart: bool = _opt(False, "with routers > 0: restart the backbone's EMA from the live weights at the "
                                     "freeze, so the model that ships averages only steps trained on its own plan")
 
@@ -260,6 +264,10 @@ class Recipe:
         need(f.weight >= 0 and f.ramp_steps >= 0 and self.warmup.steps >= 0,
              "flops.weight, flops.ramp_steps and warmup.steps must be ≥ 0")
         need(0.0 <= r.noise_anneal <= 1.0, f"routing.noise_anneal is a share in [0, 1], got {r.noise_anneal}")
+        wt = self.freeze.width_target
+        need(wt is None or (self.freeze.calibrate and r.width and r.tokens and self.target < wt <= 1.0),
+             f"freeze.width_target={wt} splits the budget between width and tokens at the freeze: it needs "
+             f"freeze.calibrate=true, routing.width and routing.tokens on, and λ={self.target} < width_target ≤ 1")
         need(r.token_noise >= 0.0, f"routing.token_noise is a scale >= 0, got {r.token_noise}")
         need(r.tau > 0, f"routing.tau must be > 0, got {r.tau}")
         need(self.prune_static or r.width or r.tokens or r.block_skip,
