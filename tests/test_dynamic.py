@@ -298,6 +298,47 @@ def test_token_noise_zero_trains_on_the_eval_token_masks_while_the_width_routers
         resolve_recipe(None, ["routing.token_noise=-1"])
 
 
+def test_flops_width_target_holds_the_width_only_ratio_so_the_tokens_carry_the_rest():
+    """flops.width_target: a second FLOPs term on the ratio with every token counted; its gradient reaches the
+    width routers only, and the joint term still holds the whole ratio at λ."""
+    import dataclasses
+
+    from dydit.dynamic.finetune import FinetuneConfig, FinetuneTask
+    from dydit.dynamic.loss import flops_loss
+
+    torch.manual_seed(0)
+    model = scramble_routers(dynamize(randomize(build_model("DiT-Tiny")), DynamicConfig(token_center=True)))
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0.0, 300.0, 600.0, 999.0]), torch.arange(4)
+    common = dict(target=0.5, ramp_steps=0, warmup_steps=0, feedback_every=0, total_steps=10)
+
+    task = FinetuneTask(model, FinetuneConfig(**common))
+
+    def term(cfg):
+        model.zero_grad()
+        ctx = DynamicContext("train", tau=5.0, noise=0.0)
+        torch.manual_seed(1)  # the same label dropout
+        model.train()(x, t, y, dyn=ctx)
+        task.cfg = FinetuneConfig(**cfg)
+        ratio, lam, loss = task._flops_term(ctx, x, step=5, frozen=False)
+        loss.backward()
+        wide = dynamic_ratio(flops_spec(model), [dataclasses.replace(r, token_mask=None) for r in ctx.records])
+        return ratio.detach(), wide.detach(), loss.item()
+
+    ratio, wide, joint = term(common)
+    assert joint == pytest.approx(flops_loss(ratio, 0.5).item())
+    token_grad = model.blocks[0].token_selection.mlp_head[2].bias.grad.clone()
+    width_grad = model.blocks[0].mlp_rate.router.bias.grad.clone()
+    ratio, wide, split = term({**common, "flops_width_target": 0.8})
+    assert (wide > ratio).all()  # the tokens skip something, so the width-only ratio is the larger one
+    assert split == pytest.approx(flops_loss(ratio, 0.5).item() + flops_loss(wide, 0.8).item(), rel=1e-5)
+    # the width-only term does not see the token masks: the token routers' gradient is the joint term's alone
+    assert torch.allclose(model.blocks[0].token_selection.mlp_head[2].bias.grad, token_grad)
+    assert not torch.allclose(model.blocks[0].mlp_rate.router.bias.grad, width_grad)  # ... the width routers' does
+    with pytest.raises(ValueError, match="flops.width_target"):
+        from dydit.dynamic.recipe import resolve_recipe
+        resolve_recipe("fmnist-0.5", ["flops.width_target=0.6"])  # width only: no tokens to carry the rest
+
+
 def test_finetune_cli_writes_live_routers_and_averaged_backbone(tmp_path):
     # thresholded routers must not be EMA-averaged: that shifted the realised FLOPs ratio by 0.1
     from typer.testing import CliRunner

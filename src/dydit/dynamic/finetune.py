@@ -5,6 +5,8 @@ checkpoint and a :class:`~dydit.dynamic.recipe.Recipe` in, a DyDiT model folder 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ class FinetuneConfig:
     warmup_steps: int = 100  # add the complete-model loss (routers bypassed) during these steps
     router_lr: float | None = None  # learning rate of the routers (default: the main lr)
     tau: float = 5.0  # gumbel-sigmoid temperature
+    flops_width_target: float | None = None  # a second FLOPs term on the width-only ratio (tokens carry the rest)
     stratified: bool = True  # batch split into 4 groups covering the 4 quarters of the trajectory
     width: bool = True  # TDW (ablation: off = SDT only)
     tokens: bool = True  # SDT (ablation: off = TDW only)
@@ -188,6 +191,11 @@ class FinetuneTask:
         ratio = dynamic_ratio(self.spec, ctx.records).to(x.device)  # (B,)
         lam = self.target_at(step)
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
+        if self.cfg.flops_width_target is not None and not frozen:
+            # the width-only ratio (every token counted): held at λ_w, so the tokens carry λ_w − λ of the budget
+            wide = dynamic_ratio(self.spec, [dataclasses.replace(r, token_mask=None) for r in ctx.records])
+            lam_w = min(1.0, max(0.02, target_at(step, self.cfg.flops_width_target, self.cfg.ramp_steps) - self.offset))
+            f_loss = f_loss + flops_loss(wide.to(x.device), lam_w, self.cfg.flops_weight, self.cfg.flops_balance)
         if step >= self.cfg.ramp_steps and not frozen:
             self._acc[0] += ratio.mean().item()
             self._acc[1] += 1
@@ -366,14 +374,15 @@ def finetune_config(recipe) -> FinetuneConfig:
     """The task's view of a recipe (static pruning: no warm-up, FLOPs loss or feedback; the plan is fixed)."""
     r = recipe
     cfg = FinetuneConfig(
-        target=r.target, flops_weight=r.flops.weight, flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
+        target=r.target, flops_weight=r.flops.weight, flops_width_target=r.flops.width_target, flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
         warmup_steps=r.warmup.steps, router_lr=r.optim.router_lr, tau=r.routing.tau, stratified=r.flops.stratified,
         width=r.routing.width, tokens=r.routing.tokens, block_skip=r.routing.block_skip, reorder=r.router_init.reorder,
         token_noise=r.routing.token_noise, noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
         feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
         feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
         freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate,
-        width_target=r.freeze.width_target, ema_restart=r.freeze.ema_restart,
+        width_target=r.freeze.width_target if r.freeze.width_target is not None else
+        (r.flops.width_target if r.freeze.calibrate else None), ema_restart=r.freeze.ema_restart,
         calib_images=r.calibration.images, distill=r.distill.weight, data_weight=r.distill.data_weight)
     if r.prune_static:
         cfg.warmup_steps, cfg.flops_weight, cfg.ramp_steps, cfg.feedback_every = 0, 0.0, 0, 0

@@ -62,6 +62,11 @@ class FlopsLoss:
     balance: float = _opt(0.0, "share of the FLOPs loss applied to each quarter of the trajectory (1: every quarter "
                                "of t averages λ; 0: the paper's batch mean, which can starve the high-noise steps in "
                                "short fine-tunes); needs stratified")
+    width_target: float | None = _opt(None, "TDW + SDT: a second FLOPs term w·(r_width − λ_w,t)² holds the width-only "
+                                            "ratio (every token counted) at this target, ramped like λ, so token "
+                                            "skipping must carry the rest of the budget while the routers learn (None: "
+                                            "the paper's one joint term, which may spend it all on width); the "
+                                            "freeze calibration then splits the plan the same way")
     stratified: bool = _opt(True, "each batch takes its timesteps from the 4 quarters of the trajectory, so the "
                                   "batch-mean FLOPs covers all of it")
 
@@ -264,6 +269,10 @@ class Recipe:
         need(f.weight >= 0 and f.ramp_steps >= 0 and self.warmup.steps >= 0,
              "flops.weight, flops.ramp_steps and warmup.steps must be ≥ 0")
         need(0.0 <= r.noise_anneal <= 1.0, f"routing.noise_anneal is a share in [0, 1], got {r.noise_anneal}")
+        fw = f.width_target
+        need(fw is None or (r.width and r.tokens and self.target < fw <= 1.0),
+             f"flops.width_target={fw} leaves part of the budget to the tokens: it needs routing.width and "
+             f"routing.tokens on, and λ={self.target} < width_target ≤ 1")
         wt = self.freeze.width_target
         need(wt is None or (self.freeze.calibrate and r.width and r.tokens and self.target < wt <= 1.0),
              f"freeze.width_target={wt} splits the budget between width and tokens at the freeze: it needs "
