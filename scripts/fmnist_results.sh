@@ -290,3 +290,40 @@ cat runs/abl_*.rows.jsonl > docs/results/b3_ablation.rows.jsonl
 dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
   "${ABL[@]:4}" --out docs/results/b3_ablation
 dydit plan runs/v1-center-fzdr/ema --steps 20 --num-images 64 --out docs/results/plan_tdw_sdt_0.5
+
+# 13. (session 28) Making the token routers carry part of λ = 0.5 (issue 16). All on fmnist-0.5-sdt:
+#     y: routing.token_noise=0 (the token masks in training are the inference ones; no random token dropout);
+#     z: y + freeze.width_target (at the freeze, width thresholds to 0.55 / 0.60, then the token thresholds to λ);
+#     r: y + routing.token_count + flops.width_target (a second FLOPs term holds the width-only ratio at 0.52 / 0.55
+#        while the routers learn, so the tokens carry the rest; the freeze calibration splits the plan the same way).
+Y="--recipe fmnist-0.5-sdt --set routing.token_noise=0 --ckpt-every 100"
+dydit finetune $A/fmnist_dit --out runs/y1-tnoise0 $Y
+dydit finetune $A/fmnist_dit --out runs/y1s2-tnoise0 $Y --seed 2
+dydit finetune $A/fmnist_dit --out runs/z1-wt055 $Y --set freeze.width_target=0.55
+dydit finetune $A/fmnist_dit --out runs/z2-wt060 $Y --set freeze.width_target=0.6
+dydit finetune $A/fmnist_dit --out runs/r1-lw052 $Y --set routing.token_count=true --set flops.width_target=0.52
+dydit finetune $A/fmnist_dit --out runs/r2-lw055 $Y --set routing.token_count=true --set flops.width_target=0.55
+for r in y1-tnoise0 y1s2-tnoise0 z1-wt055 z2-wt060 r1-lw052 r2-lw055; do
+  dydit eval runs/$r/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_${r}_1000.json
+  dydit plan runs/$r/ema --steps 20 --num-images 64 --out runs/plans/$r
+done
+# z3: the smallest split tried, on two seeds
+dydit finetune $A/fmnist_dit --out runs/z3-wt051 $Y --set freeze.width_target=0.51
+dydit finetune $A/fmnist_dit --out runs/z3s2-wt051 $Y --set freeze.width_target=0.51 --seed 2
+for r in z3-wt051 z3s2-wt051; do
+  dydit eval runs/$r/ema --num-samples 1000 --steps 20 --cfg-scale 4.0 --batch-size 64 \
+    --json docs/results/eval_${r}_1000.json
+  dydit plan runs/$r/ema --steps 20 --num-images 64 --out runs/plans/$r
+done
+# y1 on 5,000 samples, both seeds (quality only; the rows of docs/results/b3_tokens_det.md)
+$Q --row "TDW+SDT token_noise 0 seed 1=runs/y1-tnoise0/ema" --out runs/abl_y1
+$Q --row "TDW+SDT token_noise 0 seed 2=runs/y1s2-tnoise0/ema" --out runs/abl_y1s2
+for r in y1-tnoise0 z3-wt051 r1-lw052; do mkdir -p docs/results/plans_s28/$r; cp runs/plans/$r/{plan.json,plan.md,selectivity.json,selectivity.md} docs/results/plans_s28/$r/; done
+cp runs/plans/z3-wt051/token_maps.png docs/results/plans_s28/z3-wt051/
+# y1 (both seeds) beside v1 and w2, scored rows reused (--resume), timed in one interleaved pass
+cat runs/abl_y1.rows.jsonl runs/abl_y1s2.rows.jsonl docs/results/b3_ablation.rows.jsonl > docs/results/b3_tokens_det.rows.jsonl
+dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 64 --resume --no-defaults \
+  $R "TDW+SDT token_noise 0 seed 1=runs/y1-tnoise0/ema" $R "TDW+SDT token_noise 0 seed 2=runs/y1s2-tnoise0/ema" \
+  $R "TDW+SDT λ 0.5 seed 1=runs/v1-center-fzdr/ema" $R "TDW+SDT λ 0.5 seed 2=runs/v1s2-center-fzdr/ema" \
+  $R "TDW only λ 0.5=runs/w2-tdw-fzdr/ema" --out docs/results/b3_tokens_det

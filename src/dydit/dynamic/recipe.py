@@ -128,9 +128,10 @@ class Freeze:
     calibrate: bool = _opt(False, "with routers > 0: calibrate the plan to λ at the freeze (as the final "
                                   "calibration does), so the backbone trains on the plan that ships")
     width_target: float | None = _opt(None, "with calibrate (TDW + SDT): at the freeze, calibrate the width thresholds "
-                                            "to this ratio first, then the token thresholds to λ, so token skipping "
-                                            "carries (width_target − λ) of the budget in the frozen plan (None: the "
-                                            "token thresholds alone, the split the joint FLOPs loss learnt)")
+                                            "until the realised ratio (the token masks as they are) reaches this, then "
+                                            "the token thresholds to λ, so token skipping carries about "
+                                            "(width_target − λ) of the budget in the frozen plan (None: flops.width_target "
+                                            "if set, else the token thresholds alone, the split the FLOPs loss learnt)")
     ema_restart: bool = _opt(False, "with routers > 0: restart the backbone's EMA from the live weights at the "
                                     "freeze, so the model that ships averages only steps trained on its own plan")
 
