@@ -374,10 +374,12 @@ def finetune_config(recipe) -> FinetuneConfig:
     """The task's view of a recipe (static pruning: no warm-up, FLOPs loss or feedback; the plan is fixed)."""
     r = recipe
     cfg = FinetuneConfig(
-        target=r.target, flops_weight=r.flops.weight, flops_width_target=r.flops.width_target, flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
+        target=r.target, flops_weight=r.flops.weight, flops_width_target=r.flops.width_target,
+        flops_balance=r.flops.balance, ramp_steps=r.flops.ramp_steps,
         warmup_steps=r.warmup.steps, router_lr=r.optim.router_lr, tau=r.routing.tau, stratified=r.flops.stratified,
         width=r.routing.width, tokens=r.routing.tokens, block_skip=r.routing.block_skip, reorder=r.router_init.reorder,
-        token_noise=r.routing.token_noise, noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps, feedback_every=r.feedback.every,
+        token_noise=r.routing.token_noise, noise_anneal=r.routing.noise_anneal, total_steps=r.optim.steps,
+        feedback_every=r.feedback.every,
         feedback_images=r.feedback.images, feedback_sampler=r.feedback.sampler, feedback_steps=r.feedback.steps,
         feedback_cfg=r.feedback.cfg, feedback_gain=r.feedback.gain, freeze_routers=r.freeze.routers,
         freeze_time_embed=r.freeze.time_embed, calibrate_at_freeze=r.freeze.calibrate,
