@@ -327,3 +327,7 @@ dydit bench compare --num-samples 5000 --steps 20 --cfg-scale 4.0 --batch-size 6
   $R "TDW+SDT token_noise 0 seed 1=runs/y1-tnoise0/ema" $R "TDW+SDT token_noise 0 seed 2=runs/y1s2-tnoise0/ema" \
   $R "TDW+SDT λ 0.5 seed 1=runs/v1-center-fzdr/ema" $R "TDW+SDT λ 0.5 seed 2=runs/v1s2-center-fzdr/ema" \
   $R "TDW only λ 0.5=runs/w2-tdw-fzdr/ema" --out docs/results/b3_tokens_det
+# w2 (TDW only on the step-12 options) on a second seed, 5,000 samples (quality only)
+dydit finetune $A/fmnist_dit --out runs/w2s2-tdw-fzdr --recipe fmnist-0.5 --ckpt-every 100 $FZ --set freeze.ema_restart=true --seed 2
+$Q --row "TDW only λ 0.5 seed 2=runs/w2s2-tdw-fzdr/ema" --out runs/abl_w2s2
+cp runs/abl_w2s2.md docs/results/b3_w2s2.md
