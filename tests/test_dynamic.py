@@ -286,12 +286,12 @@ def test_token_noise_zero_trains_on_the_eval_token_masks_while_the_width_routers
 
     ref, _ = masks(DynamicContext("masked", record_tokens=True))
     det, det_rec = masks(DynamicContext("train", tau=5.0, noise=1.0, token_noise=0.0, record_tokens=True))
-    noisy, noisy_rec = masks(DynamicContext("train", tau=5.0, noise=1.0, record_tokens=True))
+    noisy, _ = masks(DynamicContext("train", tau=5.0, noise=1.0, record_tokens=True))
     assert all(torch.equal(a, b) for a, b in zip(det, ref))
     assert not all(torch.equal(a, b) for a, b in zip(noisy, ref))
     ratio = lambda recs: dynamic_ratio(flops_spec(model), recs)
-    static_width = DynamicContext("masked")
-    assert not torch.equal(ratio(det_rec), ratio(masks(static_width)[1]))  # width masks still drawn with noise
+    eval_masks = DynamicContext("masked")
+    assert not torch.equal(ratio(det_rec), ratio(masks(eval_masks)[1]))  # width masks still drawn with noise
     cfg = finetune_config(resolve_recipe("fmnist-0.5-sdt", ["routing.token_noise=0"]))
     assert cfg.token_noise == 0.0 and finetune_config(resolve_recipe("fmnist-0.5-sdt")).token_noise == 1.0
     with pytest.raises(ValueError, match="routing.token_noise"):
@@ -322,6 +322,7 @@ def test_flops_width_target_holds_the_width_only_ratio_so_the_tokens_carry_the_r
         ratio, lam, loss = task._flops_term(ctx, x, step=5, frozen=False)
         loss.backward()
         wide = dynamic_ratio(flops_spec(model), [dataclasses.replace(r, token_mask=None) for r in ctx.records])
+        assert torch.equal(wide, dynamic_ratio(flops_spec(model), ctx.records, count_tokens=False))
         return ratio.detach(), wide.detach(), loss.item()
 
     ratio, wide, joint = term(common)

@@ -5,8 +5,6 @@ checkpoint and a :class:`~dydit.dynamic.recipe.Recipe` in, a DyDiT model folder 
 """
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -193,7 +191,7 @@ class FinetuneTask:
         f_loss = flops_loss(ratio, lam, 0.0 if frozen else self.cfg.flops_weight, self.cfg.flops_balance)
         if self.cfg.flops_width_target is not None and not frozen:
             # the width-only ratio (every token counted): held at λ_w, so the tokens carry λ_w − λ of the budget
-            wide = dynamic_ratio(self.spec, [dataclasses.replace(r, token_mask=None) for r in ctx.records])
+            wide = dynamic_ratio(self.spec, ctx.records, count_tokens=False)
             lam_w = min(1.0, max(0.02, target_at(step, self.cfg.flops_width_target, self.cfg.ramp_steps) - self.offset))
             f_loss = f_loss + flops_loss(wide.to(x.device), lam_w, self.cfg.flops_weight, self.cfg.flops_balance)
         if step >= self.cfg.ramp_steps and not frozen:
@@ -287,7 +285,7 @@ class FinetuneTask:
         (``dydit calibrate`` on the EMA backbone with the live routers), in the live model and the EMA, so
         that the backbone's remaining steps train on the plan that ships, not on one that calibration
         after training would move. With ``width_target``: the width thresholds go to that ratio first,
-        then the token thresholds to λ, so the frozen plan skips tokens for (width_target − λ) of the budget."""
+        then the token thresholds to λ, so the frozen plan skips tokens for about (width_target − λ) of the budget."""
         import torch.distributed as dist
 
         from dydit.dynamic.calibrate import calibrate

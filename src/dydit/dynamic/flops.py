@@ -147,16 +147,17 @@ def static_gmacs(model) -> float:
     return flops_spec(model).static_macs / 1e9
 
 
-def dynamic_ratio(spec: FlopsSpec, records) -> torch.Tensor:
+def dynamic_ratio(spec: FlopsSpec, records, count_tokens: bool = True) -> torch.Tensor:
     """Per-sample r_b = Σ_l[(h_l/H)F_attn + (g_l/G)(n_l/N)F_mlp] / Σ_l(F_attn + F_mlp), differentiable.
 
     ``records`` holds one :class:`dydit.dynamic.context.BlockUsage` per routed block (masks (B, slots)
     per unit, token_mask (B, N); None = full). Every routed unit counts with its own share, its
-    token-gated part (``BlockFlops.gated``) also with the kept-token share.
+    token-gated part (``BlockFlops.gated``) also with the kept-token share. ``count_tokens=False``: the
+    width-only ratio, every token counted as kept (``flops.width_target``).
     """
     total = None
     for bf, rec in zip(spec.blocks, records):
-        tokens = rec.token_mask.float().mean(1) if rec.token_mask is not None else 1.0
+        tokens = rec.token_mask.float().mean(1) if count_tokens and rec.token_mask is not None else 1.0
         term = None
         for name in bf.units:
             m = rec.masks.get(name)
